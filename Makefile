@@ -1,0 +1,56 @@
+# mnistlab: `make report` and `make test` each build .venv when it is missing or stale.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Where the MNIST IDX files are; unset: torchvision downloads them into ./data.
+export MNIST_DIR
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: report quick-report test test-fast lint format bench zip clean help
+
+help:
+	@echo "make report          run every notebook on the real data, write report/ (~15 min on a 2-core CPU)"
+	@echo "make test            run the test suite (includes quick notebook runs on the real data)"
+	@echo "make test-fast       the tests not marked slow"
+	@echo "make lint / format   ruff check / ruff format"
+	@echo "make bench           training-throughput benchmark, writes report/bench.json"
+	@echo "make zip ROLLNO=...  PA2_<ROLLNO>.zip with the report and the code"
+	@echo "MNIST_DIR=/path/to/MNIST/raw selects local IDX files (raw or .gz)"
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	@touch $(STAMP)
+
+report: $(STAMP)
+	$(PY) -m mnistlab.report --out report
+
+quick-report: $(STAMP)
+	$(PY) -m mnistlab.report --quick --out build/quick-report --checkpoints build/quick-checkpoints
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests notebooks
+	$(VENV)/bin/ruff format --check src tests notebooks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format src tests notebooks
+
+bench: $(STAMP)
+	$(PY) -m mnistlab.bench --out report/bench.json
+
+zip: $(STAMP)
+	@test -n "$(ROLLNO)" || { echo "usage: make zip ROLLNO=<your roll number>"; exit 2; }
+	$(PY) -m mnistlab.submission PA2_$(ROLLNO).zip
+
+clean:
+	rm -rf build checkpoints .pytest_cache PA2_*.zip

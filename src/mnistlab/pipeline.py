@@ -1,0 +1,145 @@
+"""The steps the notebooks share: train-and-save a run, pick the best model, load it (or train it)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import MNIST, load_mnist, validation_split
+from .model import MnistCNN
+from .train import TrainConfig, TrainResult, config_dict, default_device, evaluate, train
+
+CHECKPOINT_DIR_ENV = "MNISTLAB_CHECKPOINTS"
+BEST_NAME = "best.pt"
+VAL_SIZE, SPLIT_SEED = 5_000, 0  # the validation split every notebook uses
+
+
+def checkpoint_dir(path: str | Path | None = None) -> Path:
+    """The checkpoint folder: `path`, else $MNISTLAB_CHECKPOINTS, else ./checkpoints."""
+    return Path(path or os.environ.get(CHECKPOINT_DIR_ENV) or "checkpoints")
+
+
+def run_name(config: TrainConfig) -> str:
+    """File stem of a run's checkpoint, e.g. 'plain-seed0'."""
+    return f"{config.variant}-seed{config.seed}"
+
+
+def train_and_save(
+    config: TrainConfig,
+    data: MNIST,
+    folder: str | Path | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> tuple[TrainResult, dict[str, Any]]:
+    """Train one run on the standard split, measure it on the test set, save its checkpoint."""
+    split = validation_split(data, VAL_SIZE, SPLIT_SEED)
+    result = train(config, split, device, progress)
+    dev = torch.device(result.device)
+    test = evaluate(result.model, data.test_images.to(dev), data.test_labels.to(dev))
+    metrics = {
+        "best_val_accuracy": result.best_val_accuracy,
+        "best_step": result.best_step,
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "seconds_per_epoch": result.seconds_per_epoch,
+        "device": result.device,
+        "autocast_dtype": result.autocast_dtype,
+    }
+    path = checkpoint_dir(folder) / f"{run_name(config)}.pt"
+    save_checkpoint(
+        path, result.model, config=config_dict(config), metrics=metrics, history=result.history
+    )
+    return result, metrics
+
+
+def select_best(folder: str | Path | None = None) -> Path:
+    """Copy the run with the highest validation accuracy (never test accuracy) to best.pt."""
+    folder = checkpoint_dir(folder)
+    runs = sorted(p for p in folder.glob("*-seed*.pt"))
+    if not runs:
+        raise FileNotFoundError(f"{folder}: no run checkpoints (*-seed*.pt) to choose from")
+    loaded = [(load_checkpoint(p), p) for p in runs]
+    (model, meta), path = max(loaded, key=lambda item: item[0][1]["metrics"]["best_val_accuracy"])
+    extra = {
+        k: v
+        for k, v in meta.items()
+        if k not in ("format", "format_version", "variant", "versions")
+    }
+    return save_checkpoint(folder / BEST_NAME, model, selected_from=path.name, **extra)
+
+
+def load_best_model(
+    folder: str | Path | None = None,
+    data: MNIST | None = None,
+    device: torch.device | str = "cpu",
+    config: TrainConfig | None = None,
+    progress: bool = True,
+) -> tuple[MnistCNN, dict[str, Any]]:
+    """Load best.pt; when it is missing (a fresh Colab runtime), train the default run and save it."""
+    path = checkpoint_dir(folder) / BEST_NAME
+    if not path.is_file():
+        print(f"{path} not found: training the default model (Part 1's best configuration).")
+        train_and_save(
+            config or TrainConfig(), data or load_mnist(), folder, default_device(), progress
+        )
+        select_best(folder)
+    return load_checkpoint(path, device)
+
+
+def load_independent_model(
+    folder: str | Path | None = None,
+    data: MNIST | None = None,
+    device: torch.device | str = "cpu",
+    config: TrainConfig | None = None,
+    progress: bool = True,
+) -> tuple[MnistCNN, dict[str, Any]]:
+    """A model trained independently of best.pt: other variant and seed, trained if missing.
+
+    Used as a second opinion on generated images: if a picture fools only the model it was made
+    for, it is an adversarial pattern, not a digit.
+    """
+    folder = checkpoint_dir(folder)
+    _, best_meta = load_best_model(folder, data, "cpu", config, progress)
+    best_config = best_meta["config"]
+    other_variant = "bn" if best_config["variant"] == "plain" else "plain"
+    candidates = sorted(folder.glob(f"{other_variant}-seed*.pt"))
+    candidates = [p for p in candidates if p.stem != f"{other_variant}-seed{best_config['seed']}"]
+    if not candidates:
+        base = config or TrainConfig()
+        independent = replace(base, variant=other_variant, seed=best_config["seed"] + 1)
+        print(f"no independent checkpoint in {folder}: training {run_name(independent)}.")
+        train_and_save(independent, data or load_mnist(), folder, default_device(), progress)
+        candidates = [folder / f"{run_name(independent)}.pt"]
+    return load_checkpoint(candidates[0], device)
+
+
+def run_study(
+    base: TrainConfig,
+    variants: list[str],
+    seeds: list[int],
+    data: MNIST,
+    folder: str | Path | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> dict[str, dict[int, dict[str, Any]]]:
+    """Train every (variant, seed) pair with otherwise identical settings; metrics and histories."""
+    runs: dict[str, dict[int, dict[str, Any]]] = {v: {} for v in variants}
+    for variant in variants:
+        for seed in seeds:
+            result, metrics = train_and_save(
+                replace(base, variant=variant, seed=seed), data, folder, device, progress
+            )
+            runs[variant][seed] = {**metrics, "history": result.history}
+    return runs
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation (0 for a single value), min and max."""
+    t = torch.tensor(values, dtype=torch.float64)
+    std = t.std().item() if len(values) > 1 else 0.0
+    return {"mean": t.mean().item(), "std": std, "min": t.min().item(), "max": t.max().item()}

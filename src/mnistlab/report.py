@@ -1,0 +1,270 @@
+"""`make report`: execute every notebook headlessly with papermill, then write report/.
+
+    python -m mnistlab.report [--quick] [--out report] [--only 01 03]
+
+Writes report/notebooks/*.ipynb (executed), report/*.html (self-contained, images embedded),
+report/figures/*.png (saved by the notebooks), report/metrics.json (merged from the notebooks plus
+timings) and report/README.md (a summary that links everything), and refreshes the results table in
+the project README between its `results:start` / `results:end` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import library_versions
+from .pipeline import CHECKPOINT_DIR_ENV
+from .results import read_metrics, report_dir, update_metrics
+
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def run_notebook(source: Path, executed: Path, parameters: dict[str, Any]) -> float:
+    """Execute one notebook with papermill; return its wall time in seconds."""
+    import papermill
+
+    start = time.perf_counter()
+    papermill.execute_notebook(
+        str(source),
+        str(executed),
+        parameters=parameters,
+        kernel_name="python3",
+        progress_bar=False,
+        cwd=str(source.parent),
+    )
+    return time.perf_counter() - start
+
+
+def to_html(executed: Path, target: Path) -> None:
+    """Convert an executed notebook to one self-contained HTML file (figures embedded)."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter(embed_images=True).from_notebook_node(
+        nbformat.read(executed, as_version=4)
+    )
+    target.write_text(body, encoding="utf-8")
+
+
+def cpu_name() -> str:
+    """The CPU model name (Linux), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def mean_std(values: list[float] | None, scale: float = 100.0, unit: str = "%") -> str:
+    if not values:
+        return "n/a"
+    import statistics
+
+    mean = statistics.fmean(values) * scale
+    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{mean:.2f} +- {std:.2f}{unit} (n={len(values)})"
+
+
+def results_table(m: dict[str, Any]) -> str:
+    """The headline results as a Markdown table, read from metrics.json."""
+    c = m.get("classification", {})
+    v = m.get("visualization", {}).get("occlusion", {})
+    a = m.get("adversarial", {})
+    d = m.get("defenses", {})
+    rows = [
+        (
+            "Parameters (conv + FC = total)",
+            f"{m.get('params', {}).get('conv', 0):,} + {m.get('params', {}).get('fc', 0):,} = "
+            f"{m.get('params', {}).get('total', 0):,}",
+        ),
+        (
+            "Neurons (conv + FC, conv/FC outputs)",
+            f"{m.get('neurons', {}).get('conv', 0):,} + {m.get('neurons', {}).get('fc', 0):,} = "
+            f"{m.get('neurons', {}).get('total', 0):,}",
+        ),
+        (
+            "Best model (chosen on validation)",
+            f"{c.get('best', {}).get('variant', 'n/a')}, test accuracy {pct(c.get('best', {}).get('test_accuracy'))}",
+        ),
+        ("Plain CNN test accuracy", mean_std(c.get("plain", {}).get("test_accuracy"))),
+        ("With batch norm test accuracy", mean_std(c.get("bn", {}).get("test_accuracy"))),
+        (
+            "Seconds per epoch, plain / BN",
+            f"{mean_std(c.get('plain', {}).get('seconds_per_epoch'), 1, ' s')} / "
+            f"{mean_std(c.get('bn', {}).get('seconds_per_epoch'), 1, ' s')}",
+        ),
+        ("Test accuracy after one epoch", pct(c.get("first_epoch_test_accuracy"))),
+    ]
+    if v:
+        rows.append(
+            (
+                "Occlusion: mean probability drop, patch on digit / background",
+                f"{v.get('drop_on_digit', 0):.3f} / {v.get('drop_on_background', 0):.3f}",
+            )
+        )
+    if a:
+        rows.append(
+            (
+                "Adversarial: classes reached, (a) generate / (c) noise",
+                f"{a.get('nontargeted', {}).get('success', 'n/a')}/10 / "
+                f"{a.get('noise', {}).get('success', 'n/a')}/10",
+            )
+        )
+    for name, rec in d.items() if isinstance(d, dict) else []:
+        if isinstance(rec, dict) and "pgd_accuracy" in rec:
+            rows.append(
+                (
+                    f"Defence '{name}': clean / PGD eps=0.3",
+                    f"{pct(rec.get('clean_accuracy'))} / {pct(rec['pgd_accuracy'].get('0.3'))}",
+                )
+            )
+    timing = m.get("timing", {})
+    if "report_seconds" in timing:
+        rows.append(
+            (
+                "`make report` wall time",
+                f"{timing['report_seconds'] / 60:.1f} min on {m.get('environment', {}).get('device', '?')}",
+            )
+        )
+    return "| result | value |\n|---|---|\n" + "\n".join(f"| {k} | {val} |" for k, val in rows)
+
+
+def write_summary(out: Path, notebooks: list[Path], metrics: dict[str, Any]) -> None:
+    """report/README.md: the results table and links to every notebook and figure."""
+    lines = [
+        "# mnistlab report",
+        "",
+        "Generated by `make report`; every number comes from that run.",
+        "",
+    ]
+    lines += [results_table(metrics), "", "## Notebooks", ""]
+    lines += [
+        f"- [{nb.stem}]({nb.stem}.html) (executed notebook: [notebooks/{nb.name}](notebooks/{nb.name}))"
+        for nb in notebooks
+    ]
+    lines += ["", "## Figures", ""]
+    lines += [f"- [{p.stem}](figures/{p.name})" for p in sorted((out / "figures").glob("*.png"))]
+    (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def refresh_readme(readme: Path, metrics: dict[str, Any]) -> None:
+    """Replace the block between the results markers of the project README with the new table."""
+    if not readme.is_file():
+        return
+    text = readme.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        return
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(
+        f"{head}{README_START}\n{results_table(metrics)}\n{README_END}{tail}", encoding="utf-8"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the notebooks and build the report; returns a process exit code."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="report", help="report folder (default: report)")
+    parser.add_argument("--notebooks", default="notebooks", help="folder of source notebooks")
+    parser.add_argument(
+        "--checkpoints",
+        default=None,
+        help=f"checkpoint folder (default: ${CHECKPOINT_DIR_ENV} or ./checkpoints)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke mode: tiny settings, seconds per notebook"
+    )
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="notebook name prefixes to run (default: all)"
+    )
+    parser.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="reuse existing checkpoints (default: start from none, so every model is trained in this run)",
+    )
+    parser.add_argument(
+        "--no-readme", action="store_true", help="do not refresh the project README"
+    )
+    args = parser.parse_args(argv)
+
+    out = Path(args.out).resolve()
+    sources = sorted(Path(args.notebooks).glob("[0-9][0-9]_*.ipynb"))
+    if args.only:
+        sources = [s for s in sources if any(s.name.startswith(p) for p in args.only)]
+    if not sources:
+        print(f"no notebooks found in {args.notebooks}", file=sys.stderr)
+        return 2
+    checkpoints = Path(
+        args.checkpoints or os.environ.get(CHECKPOINT_DIR_ENV) or "checkpoints"
+    ).resolve()
+    if not args.keep_checkpoints and not args.only:
+        for old in checkpoints.glob("*.pt"):
+            old.unlink()
+    if not args.only:  # a full run starts from an empty report
+        shutil.rmtree(out / "figures", ignore_errors=True)
+        (out / "metrics.json").unlink(missing_ok=True)
+    report_dir(out)
+    (out / "notebooks").mkdir(parents=True, exist_ok=True)
+
+    parameters = {
+        "quick": args.quick,
+        "report_dir": str(out),
+        "checkpoint_dir": str(checkpoints),
+        "mnist_dir": os.environ.get("MNIST_DIR"),
+        "progress": False,
+    }
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    for source in sources:
+        executed = out / "notebooks" / source.name
+        print(f"running {source.name} ...", flush=True)
+        seconds[source.stem] = run_notebook(source, executed, parameters)
+        to_html(executed, out / f"{source.stem}.html")
+        print(f"  done in {seconds[source.stem]:.0f} s", flush=True)
+    total = time.perf_counter() - start
+
+    import torch
+
+    timing: dict[str, Any] = {"notebook_seconds": seconds}
+    if not args.only:
+        timing["report_seconds"] = total
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU ({cpu_name()}, {os.cpu_count()} cores)"
+    )
+    update_metrics(
+        {
+            "timing": timing,
+            "quick": args.quick,
+            "environment": {
+                **library_versions(),
+                "device": device,
+                "platform": platform.platform(),
+            },
+        },
+        out,
+    )
+    metrics = read_metrics(out)
+    write_summary(out, sorted(Path(args.notebooks).glob("[0-9][0-9]_*.ipynb")), metrics)
+    if not args.quick and not args.no_readme and out == Path("report").resolve():
+        refresh_readme(Path("README.md"), metrics)
+    print(f"report written to {out} in {total:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

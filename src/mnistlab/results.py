@@ -1,0 +1,68 @@
+"""Where a run's results go: figures as PNG files and numbers merged into metrics.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import matplotlib.figure
+
+REPORT_DIR_ENV = "MNISTLAB_REPORT_DIR"
+
+
+def report_dir(path: str | Path | None = None) -> Path:
+    """The report folder: `path`, else $MNISTLAB_REPORT_DIR, else ./report; created if missing."""
+    folder = Path(path or os.environ.get(REPORT_DIR_ENV) or "report")
+    (folder / "figures").mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def save_figure(fig: matplotlib.figure.Figure, name: str, folder: str | Path | None = None) -> Path:
+    """Save `fig` as report/figures/<name>.png (150 dpi) and return the path."""
+    path = report_dir(folder) / "figures" / f"{name}.png"
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    return path
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _jsonable(value: Any) -> Any:
+    """Turn tensors, numpy values and tuples into JSON types; NaN/inf become None."""
+    if hasattr(value, "tolist"):  # torch.Tensor, numpy arrays and scalars
+        value = value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def read_metrics(folder: str | Path | None = None) -> dict[str, Any]:
+    """The metrics recorded so far in report/metrics.json ({} when there are none)."""
+    path = report_dir(folder) / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def update_metrics(section: dict[str, Any], folder: str | Path | None = None) -> Path:
+    """Merge `section` (nested dicts) into report/metrics.json, atomically."""
+    path = report_dir(folder) / "metrics.json"
+    metrics = read_metrics(folder)
+    _merge(metrics, _jsonable(section))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(metrics, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path

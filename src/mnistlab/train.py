@@ -1,0 +1,261 @@
+"""Training loop, evaluation and history for the MNIST CNN.
+
+The loop is written out in one place (nanoGPT / pytorch-examples style): tensors already on the
+device, a seeded permutation per epoch, optional random-translation augmentation done on the whole
+batch at once, a one-cycle learning-rate schedule, and a history recorded several times per epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import Split
+from .model import MnistCNN
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run; stored in the checkpoint so the run can be rebuilt."""
+
+    variant: str = "plain"  # "plain" or "bn"
+    epochs: int = 6
+    batch_size: int = 128
+    lr: float = 0.05  # peak learning rate of the one-cycle schedule (SGD + Nesterov momentum)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_fraction: float = 0.15  # share of the steps spent warming the learning rate up
+    label_smoothing: float = 0.0
+    max_shift: int = 2  # random translation of up to this many pixels; 0 disables augmentation
+    seed: int = 0
+    evals_per_epoch: int = 4
+    eval_batch_size: int = 2_000
+    mixed_precision: str = (
+        "auto"  # "auto" (bf16 on capable CPUs, fp16 on CUDA), "bf16", "fp16", "off"
+    )
+    channels_last: bool = True
+    limit_train_batches: int = 0  # > 0: stop each epoch after this many batches (smoke tests)
+
+
+@dataclass
+class TrainResult:
+    """A trained model plus what the run measured."""
+
+    model: MnistCNN
+    config: TrainConfig
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_val_accuracy: float = 0.0
+    best_step: int = 0
+    seconds_per_epoch: list[float] = field(default_factory=list)
+    device: str = "cpu"
+    autocast_dtype: str = "float32"
+
+
+def cpu_supports_bf16() -> bool:
+    """True where oneDNN has native bf16 kernels (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_dtype(device: torch.device, mode: str = "auto") -> torch.dtype | None:
+    """The reduced precision to train in on `device`, or None for plain fp32."""
+    if mode not in ("auto", "bf16", "fp16", "off"):
+        raise ValueError(f"mixed_precision must be auto, bf16, fp16 or off, got {mode!r}")
+    if mode == "off":
+        return None
+    if mode == "bf16":
+        return torch.bfloat16
+    if mode == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_supports_bf16() else None
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def random_translate(
+    images: torch.Tensor, max_shift: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Shift each image by its own random integer offset in [-max_shift, max_shift], zero-filled.
+
+    Done for the whole batch with one pad and one gather, so it costs a few microseconds per image.
+    """
+    if max_shift <= 0:
+        return images
+    n, c, h, w = images.shape
+    s = max_shift
+    padded = F.pad(images, (s, s, s, s))
+    offsets = torch.randint(0, 2 * s + 1, (2, n), generator=generator, device=generator.device)
+    offsets = offsets.to(images.device)
+    rows = torch.arange(h, device=images.device).view(1, h, 1) + offsets[0].view(n, 1, 1)
+    cols = torch.arange(w, device=images.device).view(1, 1, w) + offsets[1].view(n, 1, 1)
+    flat_index = (rows * (w + 2 * s) + cols).view(n, 1, h * w).expand(n, c, h * w)
+    return padded.flatten(2).gather(2, flat_index).view(n, c, h, w)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 2_000,
+    dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Mean cross-entropy, accuracy and error of `model` on a labelled set, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total_loss = torch.zeros((), device=images.device)
+    correct = torch.zeros((), device=images.device, dtype=torch.long)
+    try:
+        for start in range(0, len(images), batch_size):
+            x, y = images[start : start + batch_size], labels[start : start + batch_size]
+            with torch.autocast(
+                images.device.type, dtype=dtype or torch.float32, enabled=bool(dtype)
+            ):
+                logits = model(x)
+            total_loss += F.cross_entropy(logits.float(), y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+    finally:
+        model.train(was_training)
+    n = len(images)
+    accuracy = correct.item() / n
+    return {"loss": total_loss.item() / n, "accuracy": accuracy, "error": 1.0 - accuracy}
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 2_000) -> torch.Tensor:
+    """Class probabilities (fp32, softmax of the logits) for `images`, computed in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        chunks = [
+            model(images[i : i + batch_size]).softmax(1) for i in range(0, len(images), batch_size)
+        ]
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks)
+
+
+def confusion_matrix(
+    labels: torch.Tensor, predictions: torch.Tensor, classes: int = 10
+) -> torch.Tensor:
+    """Counts of (true class, predicted class) pairs: rows are true classes."""
+    flat = labels.long().cpu() * classes + predictions.long().cpu()
+    return torch.bincount(flat, minlength=classes * classes).view(classes, classes)
+
+
+def train(
+    config: TrainConfig,
+    split: Split,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train one model on `split`, keeping the weights with the best validation accuracy."""
+    device = torch.device(device) if device is not None else default_device()
+    torch.manual_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    amp_dtype = autocast_dtype(device, config.mixed_precision)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+
+    train_x, train_y = split.train_images.to(device), split.train_labels.to(device)
+    val_x, val_y = split.val_images.to(device), split.val_labels.to(device)
+    model = MnistCNN(config.variant).to(device, memory_format=memory_format)
+
+    steps_per_epoch = math.ceil(len(train_x) / config.batch_size)
+    if config.limit_train_batches > 0:
+        steps_per_epoch = min(steps_per_epoch, config.limit_train_batches)
+    total_steps = config.epochs * steps_per_epoch
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=True,
+        weight_decay=config.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=config.warmup_fraction
+    )
+    # Recording points: evals_per_epoch evenly spaced steps in each epoch, the last one at its end.
+    evals = max(1, min(config.evals_per_epoch, steps_per_epoch))
+    record_at = {round(k * steps_per_epoch / evals) for k in range(1, evals + 1)}
+    result = TrainResult(
+        model, config, device=str(device), autocast_dtype=str(amp_dtype or "float32")
+    )
+    best_state = copy.deepcopy(model.state_dict())
+
+    run_loss = torch.zeros((), device=device)
+    run_wrong = torch.zeros((), device=device, dtype=torch.long)
+    run_seen = 0
+    step = 0
+    bar = tqdm(total=total_steps, desc=f"{config.variant} seed {config.seed}", disable=not progress)
+    run_start = time.perf_counter()
+    for epoch in range(config.epochs):
+        epoch_start = time.perf_counter()
+        permutation = torch.randperm(len(train_x), device=device, generator=generator)
+        for i in range(steps_per_epoch):
+            batch = permutation[i * config.batch_size : (i + 1) * config.batch_size]
+            x = random_translate(train_x[batch], config.max_shift, generator)
+            x = x.contiguous(memory_format=memory_format)
+            y = train_y[batch]
+            with torch.autocast(
+                device.type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype)
+            ):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            bar.update()
+
+            # Running training loss/error over the images seen since the last record; kept on the
+            # device so the loop never waits for a host sync between records.
+            run_loss += loss.detach() * len(y)
+            run_wrong += (logits.argmax(1) != y).sum()
+            run_seen += len(y)
+            if i + 1 in record_at:
+                val = evaluate(model, val_x, val_y, config.eval_batch_size, amp_dtype)
+                record = {
+                    "step": step,
+                    "epoch": epoch + (i + 1) / steps_per_epoch,
+                    "train_loss": run_loss.item() / run_seen,
+                    "train_error": run_wrong.item() / run_seen,
+                    "val_loss": val["loss"],
+                    "val_error": val["error"],
+                    "val_accuracy": val["accuracy"],
+                    "lr": scheduler.get_last_lr()[0],
+                    "seconds": time.perf_counter() - run_start,  # wall time, evaluations included
+                }
+                result.history.append(record)
+                if val["accuracy"] >= result.best_val_accuracy:
+                    result.best_val_accuracy, result.best_step = val["accuracy"], step
+                    best_state = copy.deepcopy(model.state_dict())
+                bar.set_postfix(
+                    val_acc=f"{val['accuracy']:.4f}", loss=f"{record['train_loss']:.3f}"
+                )
+                run_loss.zero_()
+                run_wrong.zero_()
+                run_seen = 0
+        result.seconds_per_epoch.append(time.perf_counter() - epoch_start)
+    bar.close()
+    model.load_state_dict(best_state)
+    model.eval()
+    return result
+
+
+def config_dict(config: TrainConfig) -> dict[str, object]:
+    """The config as a plain dict (JSON- and weights_only-safe)."""
+    return asdict(config)

@@ -1,0 +1,58 @@
+"""Shared fixtures: the real MNIST folder (from $MNIST_DIR) and small synthetic IDX folders."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from mnistlab.data import IMAGE_MAGIC, LABEL_MAGIC, load_folder
+
+
+def idx_bytes(magic: int, tensor: torch.Tensor) -> bytes:
+    """Encode a uint8 tensor as an IDX file (big-endian header, then the raw bytes)."""
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in tensor.shape)
+    return header + tensor.to(torch.uint8).numpy().tobytes()
+
+
+def write_fake_mnist(folder: Path, n_train: int = 20, n_test: int = 10, gz: bool = False) -> Path:
+    """Write the four IDX files of a tiny random MNIST into `folder` (torchvision's names)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images = torch.randint(0, 256, (n, 28, 28), generator=gen, dtype=torch.uint8)
+        labels = torch.arange(n, dtype=torch.uint8) % 10
+        for name, magic, tensor in (
+            (f"{split}-images-idx3-ubyte", IMAGE_MAGIC, images),
+            (f"{split}-labels-idx1-ubyte", LABEL_MAGIC, labels),
+        ):
+            raw = idx_bytes(magic, tensor)
+            if gz:
+                (folder / f"{name}.gz").write_bytes(gzip.compress(raw))
+            else:
+                (folder / name).write_bytes(raw)
+    return folder
+
+
+@pytest.fixture
+def fake_mnist():
+    """The writer of tiny random IDX folders, for tests of the loader's error handling."""
+    return write_fake_mnist
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The real MNIST folder named by $MNIST_DIR (CI points it at ../shared/data/MNIST/raw)."""
+    folder = os.environ.get("MNIST_DIR")
+    if not folder:
+        pytest.fail("MNIST_DIR is not set: point it at a folder of the four MNIST IDX files")
+    return Path(folder)
+
+
+@pytest.fixture(scope="session")
+def mnist(mnist_dir):
+    """The real MNIST, loaded once per test session."""
+    return load_folder(mnist_dir)

@@ -1,0 +1,87 @@
+"""Checkpoints round-trip exactly and refuse corrupt, foreign or mismatched files with a clear error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mnistlab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mnistlab.model import MnistCNN
+from mnistlab.pipeline import BEST_NAME, select_best
+
+
+def test_round_trip_is_exact_and_keeps_metadata(tmp_path):
+    torch.manual_seed(0)
+    model = MnistCNN("bn")
+    model.layers.bn1.running_mean.add_(0.5)  # buffers travel too
+    path = save_checkpoint(tmp_path / "m.pt", model, config={"epochs": 3}, metrics={"val": 0.99})
+    loaded, meta = load_checkpoint(path)
+    assert (
+        meta["variant"] == "bn"
+        and meta["config"] == {"epochs": 3}
+        and meta["metrics"] == {"val": 0.99}
+    )
+    assert "torch" in meta["versions"]
+    original = model.state_dict()
+    assert all(torch.equal(original[k], v) for k, v in loaded.state_dict().items())
+    assert not loaded.training
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary file left behind
+
+
+def test_save_replaces_an_existing_file(tmp_path):
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, MnistCNN("plain"), tag="old")
+    save_checkpoint(path, MnistCNN("plain"), tag="new")
+    assert load_checkpoint(path)[1]["tag"] == "new"
+
+
+def test_mismatched_weights_are_refused(tmp_path):
+    path = save_checkpoint(tmp_path / "m.pt", MnistCNN("bn"))
+    payload = torch.load(path, weights_only=True)
+    payload["variant"] = "plain"  # BN weights under a plain tag
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="do not fit the 'plain' network"):
+        load_checkpoint(path)
+
+
+def test_corrupt_file_is_refused(tmp_path):
+    path = save_checkpoint(tmp_path / "m.pt", MnistCNN("plain"))
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_foreign_file_is_refused(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save(MnistCNN("plain").state_dict(), path)  # a bare state dict, no metadata
+    with pytest.raises(CheckpointError, match="not an mnistlab checkpoint"):
+        load_checkpoint(path)
+
+
+class Payload:  # an arbitrary object: weights_only loading must refuse to unpickle it
+    pass
+
+
+def test_arbitrary_pickles_are_not_executed(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "mnistlab.checkpoint", "object": Payload()}, path)
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "nothing.pt")
+
+
+def test_best_is_chosen_by_validation_not_test_accuracy(tmp_path):
+    for name, val, test in (("plain-seed0", 0.990, 0.999), ("bn-seed0", 0.995, 0.980)):
+        save_checkpoint(
+            tmp_path / f"{name}.pt",
+            MnistCNN(name.split("-")[0]),
+            metrics={"best_val_accuracy": val, "test_accuracy": test},
+            config={},
+        )
+    select_best(tmp_path)
+    _, meta = load_checkpoint(tmp_path / BEST_NAME)
+    assert meta["selected_from"] == "bn-seed0.pt" and meta["variant"] == "bn"

@@ -1,0 +1,55 @@
+"""Every notebook runs headlessly, top to bottom, in quick mode on the real data (the `make report` path)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mnistlab.report import main as make_report
+
+NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory, mnist_dir):
+    out = tmp_path_factory.mktemp("report")
+    code = make_report(
+        ["--quick", "--out", str(out), "--checkpoints", str(out / "checkpoints"), "--no-readme"]
+    )
+    assert code == 0
+    return out
+
+
+@pytest.mark.slow
+def test_every_notebook_executes_and_is_written_as_html(quick_report):
+    assert NOTEBOOKS, "no notebooks found"
+    for nb in NOTEBOOKS:
+        assert (quick_report / "notebooks" / nb.name).is_file()
+        html = (quick_report / f"{nb.stem}.html").read_text()
+        assert "<img" in html or "image/png" in html  # figures are embedded, not linked
+        assert "Traceback" not in html
+
+
+@pytest.mark.slow
+def test_quick_report_records_the_required_metrics(quick_report):
+    metrics = json.loads((quick_report / "metrics.json").read_text())
+    assert metrics["quick"] is True
+    assert metrics["params"]["total"] == 799_078
+    c = metrics["classification"]
+    assert set(c["best"]) >= {"variant", "test_accuracy"}
+    assert len(c["plain"]["test_accuracy"]) == len(c["bn"]["test_accuracy"]) == len(c["seeds"])
+    assert 0 < c["first_epoch_test_accuracy"] <= 1
+    assert metrics["timing"]["report_seconds"] > 0
+    assert list((quick_report / "figures").glob("part1_*.png"))
+    assert (quick_report / "README.md").is_file()
+
+
+def test_source_notebooks_are_committed_without_outputs():
+    for nb in NOTEBOOKS:
+        cells = json.loads(nb.read_text())["cells"]
+        code = [c for c in cells if c["cell_type"] == "code"]
+        assert not any(c.get("outputs") or c.get("execution_count") for c in code), nb.name
+        tags = [c.get("metadata", {}).get("tags", []) for c in code]
+        assert ["parameters"] in tags, f"{nb.name} has no papermill 'parameters' cell"
