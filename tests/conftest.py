@@ -56,3 +56,13 @@ def mnist_dir() -> Path:
 def mnist(mnist_dir):
     """The real MNIST, loaded once per test session."""
     return load_folder(mnist_dir)
+
+
+@pytest.fixture(scope="session")
+def trained_model(mnist):
+    """A real model, trained briefly on the real data (about 97% accuracy), in eval mode, CPU."""
+    from mnistlab.data import validation_split
+    from mnistlab.train import TrainConfig, train
+
+    config = TrainConfig(epochs=1, limit_train_batches=150, evals_per_epoch=1, seed=0)
+    return train(config, validation_split(mnist), "cpu", progress=False).model

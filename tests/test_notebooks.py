@@ -46,6 +46,54 @@ def test_quick_report_records_the_required_metrics(quick_report):
     assert (quick_report / "README.md").is_file()
 
 
+REQUIRED_KEYS = [
+    "params.total",
+    "params.conv",
+    "params.fc",
+    "params_bn.total",
+    "neurons.convention",
+    "classification.plain.test_accuracy",
+    "classification.bn.test_accuracy",
+    "classification.plain.seconds_per_epoch",
+    "classification.bn.seconds_per_epoch",
+    "classification.best.variant",
+    "classification.best.test_accuracy",
+    "classification.first_epoch_test_accuracy",
+    "timing.report_seconds",
+    "visualization.occlusion.patch",
+    "visualization.occlusion.stride",
+    "visualization.occlusion.images",
+    "visualization.occlusion.drop_on_digit",
+    "visualization.occlusion.drop_on_background",
+    "visualization.activations.zero_fraction",
+    "adversarial.nontargeted.confidence",
+    "adversarial.nontargeted.success",
+    "adversarial.targeted.beta_sweep",
+    "adversarial.targeted.beta",
+    "adversarial.noise.success",
+    "adversarial.noise.l2",
+    "adversarial.noise.linf",
+    "adversarial.noise.transfer.target_rate",
+    "adversarial.noise.transfer.changed_rate",
+    "optional.class_model.agreement",
+    "defenses",
+]
+
+
+@pytest.mark.slow
+def test_every_metric_the_issues_name_is_recorded(quick_report):
+    metrics = json.loads((quick_report / "metrics.json").read_text())
+    missing = []
+    for key in REQUIRED_KEYS:
+        node = metrics
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                missing.append(key)
+                break
+            node = node[part]
+    assert not missing, f"metrics.json lacks {missing}"
+
+
 def test_source_notebooks_are_committed_without_outputs():
     for nb in NOTEBOOKS:
         cells = json.loads(nb.read_text())["cells"]

@@ -98,7 +98,7 @@ def load_independent_model(
     config: TrainConfig | None = None,
     progress: bool = True,
 ) -> tuple[MnistCNN, dict[str, Any]]:
-    """A model trained independently of best.pt: other variant and seed, trained if missing.
+    """A model trained apart from best.pt: the other variant (another seed where one exists).
 
     Used as a second opinion on generated images: if a picture fools only the model it was made
     for, it is an adversarial pattern, not a digit.
@@ -107,8 +107,11 @@ def load_independent_model(
     _, best_meta = load_best_model(folder, data, "cpu", config, progress)
     best_config = best_meta["config"]
     other_variant = "bn" if best_config["variant"] == "plain" else "plain"
-    candidates = sorted(folder.glob(f"{other_variant}-seed*.pt"))
-    candidates = [p for p in candidates if p.stem != f"{other_variant}-seed{best_config['seed']}"]
+    same_seed = f"{other_variant}-seed{best_config['seed']}"
+    # Another seed as well as another variant where the folder has one (Part 1 trains three).
+    candidates = sorted(
+        folder.glob(f"{other_variant}-seed*.pt"), key=lambda p: (p.stem == same_seed, p.stem)
+    )
     if not candidates:
         base = config or TrainConfig()
         independent = replace(base, variant=other_variant, seed=best_config["seed"] + 1)
