@@ -1,0 +1,444 @@
+"""Part 3: adversarial examples by gradient ascent on the input (the assignment's three attacks).
+
+(a) `generate_digit`: from Gaussian noise, ascend C = logits[target] w.r.t. the image.
+(b) `targeted_attack`: ascend C = logits[target] - beta * mse(x, target_image) w.r.t. the image.
+(c) `noise_attack`: ascend C = logits[target] w.r.t. an additive noise, alpha = 1 / std(d) steps.
+
+Conventions shared by every attack here:
+- pixels are on the [0, 1] scale the model takes; the assignment's grey levels (0..255) are
+  converted once, in the constants below, and images are clamped to [0, 1] after every step;
+- one batch holds all targets (one row per target class), so a single forward/backward pass
+  advances all 10 attacks at once;
+- plain gradient ascent, x = x + step * dC/dx, no optimiser: the recorded cost must increase;
+- the model is evaluated in fp32 (autocast off) and in eval mode with its parameters frozen, and
+  everything is restored afterwards (`frozen_eval`); gradients are taken only w.r.t. the image or
+  the noise (`torch.autograd.grad`), so no parameter ever receives a gradient;
+- input tensors are never modified in place.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from captum.robust import PGD
+from torch import nn
+
+GREY_LEVEL = 1.0 / 255.0  # one grey level of the assignment's 0..255 scale, on our [0, 1] scale
+GREY_128 = 128 * GREY_LEVEL  # "Gaussian noise centred around 128" -> mean 0.502 on [0, 1]
+CONFIDENT = 0.99  # an attack "reaches" its target when softmax(target) >= this (and is the argmax)
+STD_EPS = 1e-8  # the assignment's epsilon in alpha = 1 / (d.std() + 1e-8)
+NUM_CLASSES = 10
+
+
+@dataclass
+class AttackResult:
+    """The outcome of one batched attack: one row per target class."""
+
+    images: torch.Tensor  # (N, 1, 28, 28) final inputs to the network, in [0, 1]
+    targets: torch.Tensor  # (N,) target class of each row
+    costs: torch.Tensor  # (iterations + 1, N) cost C at every iterate, the start included
+    probabilities: torch.Tensor  # (N, 10) softmax of the final logits
+    steps: torch.Tensor  # (N,) gradient steps taken by each row before it stopped
+    noise: torch.Tensor | None = None  # (N, 1, 28, 28) additive noise (attack (c) only)
+
+    @property
+    def predicted(self) -> torch.Tensor:
+        """Predicted class of each final image."""
+        return self.probabilities.argmax(1)
+
+    @property
+    def confidence(self) -> torch.Tensor:
+        """Softmax probability of each row's target class."""
+        return self.probabilities.gather(1, self.targets[:, None])[:, 0]
+
+    @property
+    def reached(self) -> torch.Tensor:
+        """True where the target is the predicted class with confidence >= CONFIDENT."""
+        return (self.predicted == self.targets) & (self.confidence >= CONFIDENT)
+
+
+@contextmanager
+def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
+    """Run `model` in eval mode, fp32, with every parameter frozen; restore mode and flags after.
+
+    Eval mode keeps batch-norm statistics fixed (train mode would both use batch statistics and
+    update the running ones, i.e. change the model); frozen parameters mean backward computes
+    gradients for the input only.
+    """
+    was_training = model.training
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    device_type = params[0].device.type if params else "cpu"
+    try:
+        model.eval()
+        for p in params:
+            p.requires_grad_(False)
+        with torch.autocast(device_type, enabled=False):
+            yield model
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def gaussian_start(
+    n: int, std: float, seed: int, mean: float = GREY_128, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """n images of Gaussian noise N(mean, std^2) on the [0, 1] scale, clamped to [0, 1], seeded."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, 1, 28, 28, generator=generator) * std + mean
+    return noise.clamp_(0.0, 1.0).to(device)
+
+
+def _check_batch(images: torch.Tensor, targets: torch.Tensor) -> None:
+    if images.dim() != 4 or targets.shape != (len(images),):
+        raise ValueError(
+            f"expected images (N, C, H, W) and targets (N,), got {tuple(images.shape)} and "
+            f"{tuple(targets.shape)}"
+        )
+    if images.dtype != torch.float32:
+        raise TypeError(f"attacks run in fp32; got images of dtype {images.dtype}")
+
+
+def _target_logits(
+    model: nn.Module, x: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits[i, targets[i]] for every row, plus the logits themselves."""
+    logits = model(x)
+    return logits.gather(1, targets[:, None])[:, 0], logits
+
+
+def _image_ascent(
+    model: nn.Module,
+    start: torch.Tensor,
+    targets: torch.Tensor,
+    step_size: float,
+    iterations: int,
+    penalty: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> AttackResult:
+    """x <- clamp(x + step_size * dC/dx, 0, 1) for C = logits[target] - penalty(x), per row."""
+    _check_batch(start, targets)
+    x = start.detach().clone()
+    costs = []
+    with frozen_eval(model):
+        for i in range(iterations + 1):
+            x.requires_grad_(True)
+            score, logits = _target_logits(model, x, targets)
+            cost = score - penalty(x) if penalty is not None else score
+            costs.append(cost.detach())
+            if i == iterations:
+                break
+            (grad,) = torch.autograd.grad(cost.sum(), x)  # rows are independent: sum = per row
+            x = (x.detach() + step_size * grad).clamp_(0.0, 1.0)
+    steps = torch.full_like(targets, iterations)
+    return AttackResult(x.detach(), targets, torch.stack(costs), logits.detach().softmax(1), steps)
+
+
+def generate_digit(
+    model: nn.Module,
+    start: torch.Tensor,
+    targets: torch.Tensor,
+    step_size: float,
+    iterations: int,
+) -> AttackResult:
+    """(a) Non-targeted attack: gradient ascent on C = logits[target] from `start` (e.g. noise).
+
+    Every row of `start` (N, 1, 28, 28) is pushed towards its own `targets` class for a fixed
+    number of `iterations` (no early stop, so every cost curve has the same length); `step_size`
+    is on the [0, 1] pixel scale, and pixels are clamped to [0, 1] after each step.
+    """
+    return _image_ascent(model, start, targets, step_size, iterations)
+
+
+def mse_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the pixels of each image (784 per MNIST image), [0, 1] scale."""
+    return (x - y).pow(2).flatten(1).mean(1)
+
+
+def targeted_attack(
+    model: nn.Module,
+    start: torch.Tensor,
+    targets: torch.Tensor,
+    target_images: torch.Tensor,
+    beta: float | torch.Tensor,
+    step_size: float,
+    iterations: int,
+) -> AttackResult:
+    """(b) Targeted attack: gradient ascent on C = logits[target] - beta * mse(x, target_image).
+
+    The MSE is the mean over the 784 pixels on the [0, 1] scale (`mse_per_image`), so beta is
+    measured in logits per unit of mean squared pixel error; `beta = 0` is attack (a). `beta` may
+    be one value per row (shape (N,)), so a whole sweep of beta runs as one batch.
+    The fixed step is stable for the MSE term while step_size * 2 * beta / 784 < 2.
+    """
+    _check_batch(target_images, targets)
+    goal = target_images.detach()
+    if isinstance(beta, torch.Tensor):
+        beta = beta.detach().to(goal)
+    return _image_ascent(
+        model, start, targets, step_size, iterations, lambda x: beta * mse_per_image(x, goal)
+    )
+
+
+def beta_sweep(
+    model: nn.Module,
+    start: torch.Tensor,
+    targets: torch.Tensor,
+    target_images: torch.Tensor,
+    betas: Sequence[float],
+    step_size: float,
+    iterations: int,
+) -> tuple[list[dict[str, float]], list[AttackResult]]:
+    """(b) once per beta: targets reached, mean confidence, mean MSE to the target image and start.
+
+    Each row of the returned table also counts the images closer to their target image than to
+    their starting noise (`closer_to_target`); the attacks themselves come back in the same order.
+    """
+    rows, results = [], []
+    for beta in betas:
+        result = targeted_attack(model, start, targets, target_images, beta, step_size, iterations)
+        mse_target = mse_per_image(result.images, target_images)
+        mse_start = mse_per_image(result.images, start)
+        rows.append(
+            {
+                "beta": float(beta),
+                "success": int(result.reached.sum()),
+                "mean_confidence": result.confidence.mean().item(),
+                "mean_mse": mse_target.mean().item(),
+                "mean_mse_start": mse_start.mean().item(),
+                "closer_to_target": int((mse_target < mse_start).sum()),
+            }
+        )
+        results.append(result)
+    return rows, results
+
+
+def refine_betas(
+    rows: Sequence[dict[str, float]], n_targets: int = 10, points: int = 5
+) -> list[float]:
+    """Betas between the largest swept beta that reaches every target and the next one up.
+
+    `points` values spaced geometrically (3 significant digits) in that open interval; from 0 the
+    interval starts at a tenth of the next beta. Empty when no beta, or the largest, reaches all.
+    """
+    betas = sorted(row["beta"] for row in rows)
+    reached_all = [row["beta"] for row in rows if row["success"] == n_targets]
+    if not reached_all or max(reached_all) == betas[-1]:
+        return []
+    high = min(b for b in betas if b > max(reached_all))
+    low = max(reached_all) or high / 10
+    ratios = [(k + 1) / (points + 1) for k in range(points)]
+    return [float(f"{low * (high / low) ** r:.3g}") for r in ratios]
+
+
+def choose_beta(rows: Sequence[dict[str, float]], n_targets: int = 10) -> tuple[float, bool]:
+    """The largest beta at which every target is reached and every image is closer to its target
+    image than to its start: (beta, True). Where none qualifies, (best compromise, False): most
+    targets reached, then most images closer to the target image, then the largest beta."""
+    good = [r["beta"] for r in rows if r["success"] == r["closer_to_target"] == n_targets]
+    if good:
+        return max(good), True
+    best = max(rows, key=lambda r: (r["success"], r["closer_to_target"], r["beta"]))
+    return best["beta"], False
+
+
+def noise_attack(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    max_iterations: int,
+    confidence: float = CONFIDENT,
+) -> AttackResult:
+    """(c) Additive noise: ascend C = logits[target] of x + noise w.r.t. the noise, from zero.
+
+    The assignment's step is noise += alpha * d with alpha = 1 / (d.std() + 1e-8) on 0..255
+    pixels. Write X = 255 x for grey levels: dC/dX = d / 255, whose std is d.std() / 255, so the
+    step in grey levels is d / d.std() (the scale cancels: one step moves the noise by one grey
+    level in standard deviation) and on the [0, 1] scale it is (1/255) * d / (d.std() + 1e-8),
+    with d = dC/dx w.r.t. [0, 1] pixels. The std is taken per image (each row its own target).
+    After each step x + noise is clamped to [0, 1] (noise = clamp(x + noise) - x).
+    Stop criterion: a row stops (its noise is frozen) as soon as softmax(target) >= `confidence`,
+    or after `max_iterations` steps; rows that are already there take no step.
+    """
+    _check_batch(images, targets)
+    x = images.detach()
+    noise = torch.zeros_like(x)
+    active = torch.ones_like(targets, dtype=torch.bool)
+    steps = torch.zeros_like(targets)
+    costs = []
+    with frozen_eval(model):
+        for i in range(max_iterations + 1):
+            noise.requires_grad_(True)
+            cost, logits = _target_logits(model, x + noise, targets)
+            costs.append(cost.detach())
+            probs = logits.detach().softmax(1).gather(1, targets[:, None])[:, 0]
+            active &= probs < confidence
+            if i == max_iterations or not active.any():
+                break
+            (d,) = torch.autograd.grad(cost.sum(), noise)
+            alpha = GREY_LEVEL / (d.flatten(1).std(1) + STD_EPS)
+            step = alpha.view(-1, 1, 1, 1) * d * active.view(-1, 1, 1, 1)
+            noise = (x + noise.detach() + step).clamp_(0.0, 1.0) - x
+            steps += active.long()
+    noise = noise.detach()
+    final = x + noise
+    return AttackResult(
+        final, targets, torch.stack(costs), logits.detach().softmax(1), steps, noise
+    )
+
+
+def _cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy: the loss a targeted PGD lowers."""
+    return F.cross_entropy(logits, target, reduction="none")
+
+
+def _captum_pgd_linf(
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, radius: float, iterations: int
+) -> torch.Tensor:
+    """captum's targeted L-infinity PGD, steps of 2.5 * radius / iterations (Madry's rule)."""
+    pgd = PGD(model, _cross_entropy, lower_bound=0.0, upper_bound=1.0)
+    with warnings.catch_warnings():  # captum notes that it sets requires_grad on its own copy
+        warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require")
+        return pgd.perturb(
+            images.clone(),
+            radius=radius,
+            step_size=2.5 * radius / iterations,
+            step_num=iterations,
+            target=targets,
+            targeted=True,
+            norm="Linf",
+        )
+
+
+def targeted_pgd_l2(
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, radius: float, iterations: int
+) -> torch.Tensor:
+    """Targeted PGD in the L2 ball of `radius` around `images` (Madry et al. 2018), [0, 1] scale.
+
+    x <- x - step * g / ||g||_2 with g the gradient of the target's cross-entropy and step =
+    2.5 * radius / iterations, then projection onto the ball and clamping to [0, 1]. (captum's
+    PGD takes signed-gradient steps for its L2 variant too, an L-infinity step that wastes most
+    of an L2 budget; this is the usual normalised-gradient L2 step.) Call inside `frozen_eval`.
+    """
+    x0 = images.detach()
+    x = x0.clone()
+    step = 2.5 * radius / iterations
+    for _ in range(iterations):
+        x.requires_grad_(True)
+        loss = _cross_entropy(model(x), targets)
+        (g,) = torch.autograd.grad(loss.sum(), x)
+        g_norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        delta = x.detach() - step * g / g_norm - x0
+        d_norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        delta = delta * (radius / d_norm).clamp(max=1.0)
+        x = (x0 + delta).clamp(0.0, 1.0)
+    return x.detach()
+
+
+def pgd_minimal_radius(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    radii: Sequence[float],
+    norm: str = "Linf",
+    iterations: int = 30,
+    confidence: float = CONFIDENT,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for (c): smallest radius of a grid at which a targeted PGD succeeds, per pair.
+
+    For each radius of `radii` (increasing, on the [0, 1] scale) a targeted PGD with `iterations`
+    steps lowers the cross-entropy of the target class inside the `norm` ball around the image:
+    captum's `PGD` for "Linf", `targeted_pgd_l2` for "L2". A pair succeeds at the first radius
+    where softmax(target) >= `confidence`; later radii are tried on the pairs still unsolved only.
+    Returns the perturbation (adversarial - image) found at that radius and the radius, per
+    pair; both NaN where no radius of the grid succeeds.
+    """
+    _check_batch(images, targets)
+    attack = {"Linf": _captum_pgd_linf, "L2": targeted_pgd_l2}.get(norm)
+    if attack is None:
+        raise ValueError(f"norm must be 'Linf' or 'L2', got {norm!r}")
+    x = images.detach()
+    found = torch.zeros_like(targets, dtype=torch.bool)
+    delta = torch.full_like(x, float("nan"))
+    radius_found = torch.full(targets.shape, float("nan"), device=x.device)
+    with frozen_eval(model):
+        for radius in sorted(radii):
+            todo = (~found).nonzero()[:, 0]
+            if len(todo) == 0:
+                break
+            adv = attack(model, x[todo], targets[todo], radius, iterations)
+            with torch.no_grad():
+                probs = model(adv).softmax(1).gather(1, targets[todo][:, None])[:, 0]
+            ok = probs >= confidence
+            delta[todo[ok]] = adv[ok] - x[todo[ok]]
+            radius_found[todo[ok]] = radius
+            found[todo[ok]] = True
+    return delta, radius_found
+
+
+def perturbation_norms(delta: torch.Tensor) -> dict[str, torch.Tensor]:
+    """L2 and L-infinity norm of each perturbation (rows of `delta`), on the [0, 1] pixel scale."""
+    flat = delta.flatten(1)
+    return {"l2": flat.norm(dim=1), "linf": flat.abs().amax(1)}
+
+
+@torch.no_grad()
+def transfer_table(
+    model: nn.Module, images: torch.Tensor, noises: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every noise added to every image, classified in one batch.
+
+    Returns the predicted class (n_images, n_noises) of clamp(images[i] + noises[j], 0, 1) and the
+    prediction on the clean images (n_images,).
+    """
+    noisy = (images[:, None] + noises[None]).clamp(0.0, 1.0)
+    with frozen_eval(model):
+        logits = model(noisy.flatten(0, 1))
+        clean = model(images).argmax(1)
+    return logits.argmax(1).view(len(images), len(noises)), clean
+
+
+def transfer_rates(
+    predicted: torch.Tensor, clean: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor
+) -> dict[str, float]:
+    """How often a noise made for `targets[j]` turns image i into that class, or changes it at all.
+
+    target_rate: share of the (image, noise) pairs whose true label differs from the noise's
+    target in which the prediction becomes the target. changed_rate: share of all pairs whose
+    prediction differs from the prediction on the clean image.
+    """
+    is_target = predicted == targets[None, :]
+    eligible = labels[:, None] != targets[None, :]
+    return {
+        "target_rate": (is_target & eligible).sum().item() / max(int(eligible.sum()), 1),
+        "changed_rate": (predicted != clean[:, None]).float().mean().item(),
+    }
+
+
+@torch.no_grad()
+def nearest_mse(images: torch.Tensor, reference: torch.Tensor, chunk: int = 10_000) -> torch.Tensor:
+    """MSE (per pixel, [0, 1] scale) from each image to its nearest neighbour in `reference`."""
+    flat = images.flatten(1)
+    best = torch.full((len(images),), float("inf"), device=images.device)
+    for start in range(0, len(reference), chunk):
+        ref = reference[start : start + chunk].flatten(1)
+        best = torch.minimum(best, torch.cdist(flat, ref).amin(1).pow(2) / flat.shape[1])
+    return best
+
+
+def one_per_class(labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """Index of one image of each class 0..9, the first of its class in a seeded permutation."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    labels = labels.cpu()[order]
+    picked = []
+    for c in range(NUM_CLASSES):
+        hits = order[labels == c]
+        if len(hits) == 0:
+            raise ValueError(f"no image of class {c} to choose from")
+        picked.append(hits[0])
+    return torch.stack(picked)

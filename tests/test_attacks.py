@@ -1,0 +1,337 @@
+"""Part 3 attacks: behaviour against exact answers on hand-built models, and the safety rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mnistlab import attacks
+from mnistlab.attacks import (
+    CONFIDENT,
+    GREY_128,
+    GREY_LEVEL,
+    frozen_eval,
+    gaussian_start,
+    generate_digit,
+    mse_per_image,
+    nearest_mse,
+    noise_attack,
+    one_per_class,
+    perturbation_norms,
+    pgd_minimal_radius,
+    targeted_attack,
+    transfer_rates,
+    transfer_table,
+)
+from mnistlab.model import MnistCNN
+
+TARGETS = torch.arange(10)
+
+
+def linear_model(seed: int = 0, scale: float = 1.0) -> nn.Module:
+    """logits = W x + b on the flattened image: dC/dx of logits[t] is exactly W[t]."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    with torch.no_grad():
+        model[1].weight.mul_(scale)
+    return model
+
+
+def cnn(variant: str = "bn", seed: int = 0) -> MnistCNN:
+    torch.manual_seed(seed)
+    model = MnistCNN(variant)
+    if variant == "bn":  # non-trivial running statistics, so a train-mode pass would change them
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.1, 0.1)
+                    m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def digit_like(n: int = 10, seed: int = 0) -> torch.Tensor:
+    """Sparse bright strokes on black, like MNIST, in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 1, 28, 28, generator=g) > 0.8).float() * torch.rand(
+        n, 1, 28, 28, generator=g
+    )
+
+
+def run_every_attack(model: nn.Module, images: torch.Tensor, other: torch.Tensor) -> None:
+    generate_digit(model, images, TARGETS, step_size=0.01, iterations=3)
+    targeted_attack(model, images, TARGETS, other, beta=10.0, step_size=0.01, iterations=3)
+    noise_attack(model, images, TARGETS, max_iterations=3)
+    pgd_minimal_radius(model, images, TARGETS, radii=[0.05, 0.1], iterations=3)
+    pgd_minimal_radius(model, images, TARGETS, radii=[0.5], norm="L2", iterations=3)
+    transfer_table(model, images, images - other)
+
+
+def test_attacks_leave_model_and_inputs_untouched():
+    model = cnn("bn")
+    model.train()  # the attacks must switch to eval and back
+    model.layers.conv1.weight.requires_grad_(False)  # a mixed set of flags, restored as it was
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    images, other = gaussian_start(10, 0.1, seed=0), digit_like()
+    images_before, other_before = images.clone(), other.clone()
+
+    run_every_attack(model, images, other)
+
+    assert model.training
+    assert [p.requires_grad for p in model.parameters()] == flags
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key  # bitwise, BN running statistics included
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(images, images_before) and torch.equal(other, other_before)
+    assert not images.requires_grad and not other.requires_grad
+
+
+def test_frozen_eval_restores_after_an_exception():
+    model = cnn("bn")
+    model.train()
+    with pytest.raises(RuntimeError), frozen_eval(model):
+        assert not model.training
+        assert not any(p.requires_grad for p in model.parameters())
+        raise RuntimeError("boom")
+    assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_attacks_run_in_fp32_even_under_autocast():
+    model = cnn("plain")
+    start = gaussian_start(10, 0.1, seed=1)
+    plain = generate_digit(model, start, TARGETS, step_size=0.01, iterations=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = generate_digit(model, start, TARGETS, step_size=0.01, iterations=3)
+    assert under.images.dtype == torch.float32
+    torch.testing.assert_close(under.costs, plain.costs)
+    with pytest.raises(TypeError):
+        generate_digit(model, start.double(), TARGETS, step_size=0.01, iterations=1)
+
+
+def test_gaussian_start_is_centred_on_grey_128_and_seeded():
+    assert pytest.approx(128 / 255) == GREY_128
+    assert pytest.approx(1 / 255) == GREY_LEVEL
+    x = gaussian_start(200, 0.1, seed=3)
+    assert x.shape == (200, 1, 28, 28) and x.min() >= 0.0 and x.max() <= 1.0
+    assert x.mean().item() == pytest.approx(GREY_128, abs=2e-3)
+    assert x.std().item() == pytest.approx(0.1, rel=0.02)
+    assert torch.equal(x, gaussian_start(200, 0.1, seed=3))
+
+
+def test_one_step_of_a_moves_along_the_target_weight_row():
+    model = linear_model()
+    start = torch.full((10, 1, 28, 28), 0.5)
+    step = 1e-3  # small enough that no pixel reaches 0 or 1, so no clamping
+    result = generate_digit(model, start, TARGETS, step_size=step, iterations=1)
+    weight = model[1].weight.detach().view(10, 1, 28, 28)
+    torch.testing.assert_close(result.images - start, step * weight, rtol=1e-4, atol=1e-7)
+    # The recorded cost is exactly logits[target] before and after the step.
+    bias = model[1].bias.detach()
+    before = (weight.flatten(1) * 0.5).sum(1) + bias
+    after = (weight.flatten(1) * result.images.flatten(1)).sum(1) + bias
+    torch.testing.assert_close(result.costs, torch.stack([before, after]))
+
+
+def test_one_step_of_b_adds_the_mse_gradient():
+    model = linear_model()
+    start, goal = torch.full((10, 1, 28, 28), 0.5), digit_like()
+    step, beta = 1e-3, 50.0
+    result = targeted_attack(model, start, TARGETS, goal, beta=beta, step_size=step, iterations=1)
+    weight = model[1].weight.detach().view(10, 1, 28, 28)
+    expected = start + step * (weight - beta * 2 * (start - goal) / 784)
+    torch.testing.assert_close(result.images, expected, rtol=1e-4, atol=1e-7)
+    logit0 = (weight.flatten(1) * 0.5).sum(1) + model[1].bias.detach()
+    torch.testing.assert_close(result.costs[0], logit0 - beta * mse_per_image(start, goal))
+    # beta = 0 is attack (a).
+    a = generate_digit(model, start, TARGETS, step_size=step, iterations=2)
+    b0 = targeted_attack(model, start, TARGETS, goal, beta=0.0, step_size=step, iterations=2)
+    assert torch.equal(a.images, b0.images) and torch.equal(a.costs, b0.costs)
+
+
+def test_one_step_of_c_is_one_grey_level_in_std():
+    model = linear_model()
+    images = torch.full((10, 1, 28, 28), 0.5)
+    result = noise_attack(model, images, TARGETS, max_iterations=1, confidence=1.1)
+    weight = model[1].weight.detach().view(10, 1, 28, 28)
+    alpha = GREY_LEVEL / (weight.flatten(1).std(1) + 1e-8)
+    torch.testing.assert_close(result.noise, alpha.view(-1, 1, 1, 1) * weight, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(result.noise.flatten(1).std(1), torch.full((10,), GREY_LEVEL))
+    torch.testing.assert_close(result.images, images + result.noise)
+    assert torch.equal(result.steps, torch.ones(10, dtype=torch.long))
+
+
+def test_c_stops_each_target_at_the_confidence_criterion():
+    model = linear_model(scale=30.0)
+    images = digit_like()
+    result = noise_attack(model, images, TARGETS, max_iterations=300)
+    assert result.reached.all()
+    assert (result.confidence >= CONFIDENT).all()
+    # Each row stopped at its own step: one step fewer and it had not reached the target yet.
+    for i in range(10):
+        k = int(result.steps[i])
+        if k == 0:
+            continue
+        partial = noise_attack(model, images[i : i + 1], TARGETS[i : i + 1], max_iterations=k - 1)
+        assert partial.confidence.item() < CONFIDENT
+        torch.testing.assert_close(
+            result.noise[i],
+            noise_attack(model, images[i : i + 1], TARGETS[i : i + 1], max_iterations=k).noise[0],
+        )
+    frozen = result.costs[result.steps.max()] - result.costs[-1]
+    assert torch.equal(frozen, torch.zeros(10))
+
+
+@pytest.mark.parametrize("kind", ["a", "b", "c"])
+def test_costs_increase_and_pixels_stay_in_range(kind):
+    model = cnn("plain", seed=1)
+    start, goal = gaussian_start(10, 0.2, seed=2), digit_like(seed=4)
+    if kind == "a":
+        result = generate_digit(model, start, TARGETS, step_size=0.05, iterations=60)
+    elif kind == "b":
+        result = targeted_attack(model, start, TARGETS, goal, 200.0, step_size=0.05, iterations=60)
+    else:
+        result = noise_attack(model, goal, TARGETS, max_iterations=60, confidence=1.1)
+    diffs = result.costs.diff(dim=0)
+    assert (result.costs[-1] > result.costs[0]).all()
+    assert (diffs >= -1e-4).all(), diffs.min()  # ascent: no step lowers the cost
+    assert result.images.min() >= 0.0 and result.images.max() <= 1.0
+    if kind == "c":
+        torch.testing.assert_close(result.images, goal + result.noise)
+
+
+def test_pgd_minimal_radius_finds_the_smallest_successful_radius():
+    model = linear_model(scale=5.0)
+    images = digit_like()
+    for norm, radii in (("Linf", [0.02, 0.05, 0.1, 0.2, 0.4, 0.8]), ("L2", [0.5, 1.0, 2.0, 4.0])):
+        delta, radius = pgd_minimal_radius(model, images, TARGETS, radii, norm, iterations=30)
+        solved = ~radius.isnan()
+        assert solved.sum() >= 5, norm
+        assert delta[~solved].isnan().all()
+        size = perturbation_norms(delta[solved])["linf" if norm == "Linf" else "l2"]
+        assert (size <= radius[solved] + 1e-5).all(), norm
+        adv = (images + delta)[solved]
+        assert adv.min() >= 0.0 and adv.max() <= 1.0
+        probs = model(adv).softmax(1).gather(1, TARGETS[solved][:, None])[:, 0]
+        assert (probs >= CONFIDENT).all()
+        # The radius is the first of the grid that works: one grid step smaller fails.
+        for i in solved.nonzero()[:, 0].tolist():
+            smaller = [r for r in radii if r < radius[i]]
+            if smaller:
+                _, r = pgd_minimal_radius(
+                    model, images[i : i + 1], TARGETS[i : i + 1], smaller, norm, iterations=30
+                )
+                assert r.isnan().all(), (norm, i)
+
+
+def test_one_pgd_step_against_the_closed_form():
+    """On a linear model the cross-entropy gradient is W^T (softmax - onehot): one step, exactly."""
+    model = linear_model()
+    x0 = torch.full((10, 1, 28, 28), 0.5)
+    weight = model[1].weight.detach()
+    with torch.no_grad():
+        probs = model(x0).softmax(1)
+    grad = ((probs - torch.eye(10)) @ weight).view(10, 1, 28, 28)
+    radius = 0.01  # Madry's step is 2.5 radius, so one step ends on the boundary of the ball
+    with frozen_eval(model):
+        l2 = attacks.targeted_pgd_l2(model, x0, TARGETS, radius, iterations=1)
+    unit = grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    torch.testing.assert_close(l2 - x0, -radius * unit, rtol=1e-4, atol=1e-7)
+    delta, r = pgd_minimal_radius(model, x0, TARGETS, [radius], "Linf", iterations=1, confidence=0)
+    torch.testing.assert_close(delta, -radius * grad.sign())
+    assert torch.equal(r, torch.full((10,), radius))
+
+
+def test_transfer_table_matches_one_image_at_a_time():
+    model = cnn("plain", seed=2)
+    images, noises = digit_like(10, seed=5), 0.3 * torch.randn(10, 1, 28, 28)
+    predicted, clean = transfer_table(model, images, noises)
+    model.eval()
+    with torch.no_grad():
+        for i in range(10):
+            assert clean[i] == model(images[i : i + 1]).argmax()
+            for j in range(10):
+                noisy = (images[i] + noises[j]).clamp(0, 1)[None]
+                assert predicted[i, j] == model(noisy).argmax()
+
+
+def test_transfer_rates_on_a_hand_built_table():
+    labels = torch.tensor([0, 1])
+    clean = torch.tensor([0, 2])  # image 1 is misclassified when clean
+    targets = torch.tensor([0, 1, 2])
+    predicted = torch.tensor([[0, 1, 0], [2, 2, 2]])
+    rates = transfer_rates(predicted, clean, labels, targets)
+    # eligible pairs (label != target): (0,1) (0,2) (1,0) (1,2); reached: (0,1) and (1,2)
+    assert rates["target_rate"] == pytest.approx(2 / 4)
+    assert rates["changed_rate"] == pytest.approx(1 / 6)  # only (0,1) changed
+
+
+def test_nearest_mse_against_brute_force():
+    images, reference = torch.rand(3, 1, 28, 28), torch.rand(25, 1, 28, 28)
+    expected = torch.stack(
+        [mse_per_image(img[None].expand_as(reference), reference).min() for img in images]
+    )
+    torch.testing.assert_close(nearest_mse(images, reference, chunk=7), expected)
+
+
+def test_one_per_class_is_seeded():
+    labels = torch.arange(100) % 10
+    first = one_per_class(labels, seed=0)
+    assert torch.equal(labels[first], torch.arange(10))
+    assert torch.equal(first, one_per_class(labels, seed=0))
+    assert not torch.equal(first, one_per_class(labels, seed=1))
+    with pytest.raises(ValueError):
+        one_per_class(labels[labels != 3], seed=0)
+
+
+def test_beta_refinement_and_choice_on_a_hand_built_sweep():
+    def row(beta, success, closer):
+        return {"beta": beta, "success": success, "closer_to_target": closer}
+
+    sweep = [row(0.0, 10, 0), row(10.0, 10, 3), row(100.0, 10, 8), row(1000.0, 4, 10)]
+    finer = attacks.refine_betas(sweep, points=2)
+    assert finer == pytest.approx([100 * 10 ** (1 / 3), 100 * 10 ** (2 / 3)], rel=1e-2)
+    assert attacks.choose_beta(sweep) == (100.0, False)  # nothing qualifies: best compromise
+    sweep += [row(215.0, 10, 10), row(464.0, 9, 10)]
+    assert attacks.choose_beta(sweep) == (215.0, True)
+    assert attacks.refine_betas([row(0.0, 10, 0), row(1.0, 3, 0)], points=1) == [
+        pytest.approx(0.316, rel=1e-2)
+    ]
+    assert attacks.refine_betas([row(0.0, 2, 0), row(1.0, 3, 0)]) == []
+    assert attacks.refine_betas([row(0.0, 10, 0), row(1.0, 10, 0)]) == []
+
+
+def test_beta_sweep_rows_match_single_attacks():
+    model = cnn("plain", seed=3)
+    start, goal = gaussian_start(10, 0.1, seed=5), digit_like(seed=6)
+    rows, results = attacks.beta_sweep(model, start, TARGETS, goal, [0.0, 50.0], 0.05, 4)
+    for beta, row, result in zip([0.0, 50.0], rows, results, strict=True):
+        single = targeted_attack(model, start, TARGETS, goal, beta, 0.05, 4)
+        assert torch.equal(single.images, result.images)
+        assert row["success"] == int(single.reached.sum())
+        assert row["mean_mse"] == pytest.approx(mse_per_image(single.images, goal).mean().item())
+        assert row["mean_mse_start"] == pytest.approx(
+            mse_per_image(single.images, start).mean().item()
+        )
+    # beta as one value per row runs a whole sweep in one batch, with the same answer.
+    both = targeted_attack(
+        model,
+        start.repeat(2, 1, 1, 1),
+        TARGETS.repeat(2),
+        goal.repeat(2, 1, 1, 1),
+        torch.tensor([0.0, 50.0]).repeat_interleave(10),
+        0.05,
+        4,
+    )
+    torch.testing.assert_close(both.images, torch.cat([r.images for r in results]))
+
+
+def test_bad_shapes_are_refused():
+    model = linear_model()
+    with pytest.raises(ValueError):
+        generate_digit(model, torch.zeros(10, 28, 28), TARGETS, 0.01, 1)
+    with pytest.raises(ValueError):
+        noise_attack(model, torch.zeros(5, 1, 28, 28), TARGETS, 1)
+    with pytest.raises(ValueError):
+        pgd_minimal_radius(model, torch.zeros(10, 1, 28, 28), TARGETS, [0.1], norm="L1")
+    assert attacks.NUM_CLASSES == 10
