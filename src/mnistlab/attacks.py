@@ -19,14 +19,15 @@ Conventions shared by every attack here:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from captum.robust import PGD
 from torch import nn
+
+from .model import frozen_eval
 
 GREY_LEVEL = 1.0 / 255.0  # one grey level of the assignment's 0..255 scale, on our [0, 1] scale
 GREY_128 = 128 * GREY_LEVEL  # "Gaussian noise centred around 128" -> mean 0.502 on [0, 1]
@@ -60,30 +61,6 @@ class AttackResult:
     def reached(self) -> torch.Tensor:
         """True where the target is the predicted class with confidence >= CONFIDENT."""
         return (self.predicted == self.targets) & (self.confidence >= CONFIDENT)
-
-
-@contextmanager
-def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
-    """Run `model` in eval mode, fp32, with every parameter frozen; restore mode and flags after.
-
-    Eval mode keeps batch-norm statistics fixed (train mode would both use batch statistics and
-    update the running ones, i.e. change the model); frozen parameters mean backward computes
-    gradients for the input only.
-    """
-    was_training = model.training
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    device_type = params[0].device.type if params else "cpu"
-    try:
-        model.eval()
-        for p in params:
-            p.requires_grad_(False)
-        with torch.autocast(device_type, enabled=False):
-            yield model
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
-        model.train(was_training)
 
 
 def gaussian_start(

@@ -22,8 +22,7 @@ i.e. after BN in the bn variant), read with a forward pre-hook that also stops t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -34,7 +33,7 @@ from matplotlib.patches import Rectangle
 from torch import nn
 from tqdm.auto import tqdm
 
-from .model import INPUT_SHAPE, MNIST_STD
+from .model import INPUT_SHAPE, MNIST_STD, frozen_eval
 from .train import predict, random_translate
 
 NUM_CLASSES = 10
@@ -98,23 +97,6 @@ class AscentResult:
     l2: torch.Tensor  # (N,) lambda of each image
 
 
-@contextmanager
-def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and requires_grad=False on every parameter; every module's mode and flag restored."""
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield model
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
 def _blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     """Gaussian blur with a kernel reaching 3 sigma (torchvision, reflect padding)."""
     size = 2 * math.ceil(3 * sigma) + 1
@@ -152,7 +134,7 @@ def gradient_ascent(
         score[t] = s.detach()
         objective[t] = s.detach() - penalty(x.detach())
 
-    with frozen(model), torch.autocast(device.type, enabled=False):
+    with frozen_eval(model):
         for t in tqdm(range(config.steps), desc="gradient ascent", disable=not progress):
             x = x.detach().requires_grad_(True)
             if config.jitter > 0:
@@ -369,7 +351,7 @@ def feature_score(
 def feature_map_size(model: nn.Module, layer: str) -> tuple[int, int]:
     """Height and width of `layer`'s feature maps for a 28x28 input."""
     device = next(model.parameters()).device
-    with frozen(model), torch.no_grad():
+    with frozen_eval(model), torch.no_grad():
         maps = preactivation(model, layer, zero_images(1, device))
     return int(maps.shape[2]), int(maps.shape[3])
 

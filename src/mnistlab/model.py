@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +46,30 @@ class MnistCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map images in [0, 1], shape (N, 1, 28, 28), to logits of shape (N, 10)."""
         return self.layers((x - MNIST_MEAN) / MNIST_STD)
+
+
+@contextmanager
+def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode, fp32 (autocast off) and frozen parameters; every mode and flag restored after.
+
+    Attacks and visualisations use it: eval mode keeps batch-norm statistics fixed (train mode
+    would use batch statistics and update the running ones, i.e. change the model), and frozen
+    parameters mean a backward pass computes gradients for the input only.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    device_type = flags[0][0].device.type if flags else "cpu"
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        with torch.autocast(device_type, enabled=False):
+            yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 @dataclass(frozen=True)

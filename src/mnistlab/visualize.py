@@ -13,8 +13,7 @@ isotropic blob / spot detector).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +23,7 @@ from matplotlib import patheffects
 from matplotlib.figure import Figure
 from torch import nn
 
-from .model import MNIST_MEAN, MnistCNN
+from .model import MNIST_MEAN, MnistCNN, frozen_eval
 
 # --- Occlusion defaults -------------------------------------------------------------------------
 # Grey levels of the assignment (0..255) converted once to the [0, 1] pixel scale the model takes.
@@ -55,19 +54,6 @@ STROKE_THRESHOLD = GREY_128
 SHARE_THRESHOLD = 0.5
 KERNEL_KINDS = ("edge", "blob", "other")
 TOP_FRACTION = 0.1  # localisation: share of a map's activation mass in its strongest 10% positions
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put `model` in eval mode with autocast off and gradients off; restore its mode afterwards."""
-    was_training = model.training
-    device_type = next(model.parameters()).device.type
-    model.eval()
-    try:
-        with torch.no_grad(), torch.autocast(device_type, enabled=False):
-            yield model
-    finally:
-        model.train(was_training)
 
 
 # ==================================================================================================
@@ -435,7 +421,7 @@ def feature_maps(
 
         hooks.append(modules[name].register_forward_hook(keep))
     try:
-        with eval_mode(model):
+        with frozen_eval(model), torch.no_grad():
             model(images.to(next(model.parameters()).device).float())
     finally:
         for h in hooks:
@@ -740,7 +726,7 @@ def occlusion_map(
     occluded = torch.where(masks, torch.tensor(float(fill), device=device), x[0])  # (R, C, H, W)
     n_rows, n_cols = masks.shape[:2]
     batch = torch.cat([x[None], occluded.reshape(n_rows * n_cols, 1, h, w)])
-    with eval_mode(model):
+    with frozen_eval(model), torch.no_grad():
         probs = model(batch).float().softmax(1).cpu()
     clean = probs[0]
     return Occlusion(
