@@ -67,4 +67,7 @@ def test_benchmark_steps_train_on_the_same_data(mnist):
         bench.dataloader_step(small, device),
     ):
         assert step() in (64, 128)
-    assert bench.measure(bench.naive_step(small, device), device, warmup=1, windows=2, steps=2) > 0
+    rates = bench.measure(
+        {"naive": bench.naive_step(small, device)}, device, warmup=1, windows=2, n=2
+    )
+    assert rates["naive"] > 0
