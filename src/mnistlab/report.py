@@ -129,7 +129,8 @@ def results_table(m: dict[str, Any]) -> str:
         if isinstance(rec, dict) and "pgd_accuracy" in rec:
             rows.append(
                 (
-                    f"Defence '{name}': clean / PGD-40 eps=0.3"
+                    ("No defence (Part 1 model)" if name == "plain" else f"Defence '{name}'")
+                    + ": clean / PGD-40 eps=0.3"
                     + (" (BPDA attack)" if name.startswith("binar") else ""),
                     f"{pct(rec.get('clean_accuracy'))} / {pct(rec['pgd_accuracy'].get('0.3'))}",
                 )
