@@ -47,6 +47,7 @@ def test_gz_and_original_naming_read_the_same(tmp_path, fake_mnist):
 def test_mnist_dir_environment_variable(tmp_path, monkeypatch, fake_mnist):
     monkeypatch.setenv("MNIST_DIR", str(fake_mnist(tmp_path)))
     assert len(load_mnist().test_labels) == 10
+    assert len(load_mnist("").test_labels) == 10  # an empty folder name means "not given"
 
 
 def test_missing_folder(tmp_path):

@@ -153,7 +153,7 @@ def download(root: Path = DEFAULT_DOWNLOAD_ROOT) -> Path:
 
 def load_mnist(folder: str | Path | None = None, *, allow_download: bool = True) -> MNIST:
     """Load MNIST from `folder`, else $MNIST_DIR, else ./data (downloading it there if allowed)."""
-    if folder is None:
+    if not folder:  # None or "" (make exports an unset MNIST_DIR as the empty string)
         folder = os.environ.get(MNIST_DIR_ENV) or None
     if folder is not None:
         return load_folder(folder)

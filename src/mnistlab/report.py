@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "report_dir": str(out),
         "checkpoint_dir": str(checkpoints),
-        "mnist_dir": os.environ.get("MNIST_DIR"),
+        "mnist_dir": os.environ.get("MNIST_DIR") or None,
         "progress": False,
     }
     seconds: dict[str, float] = {}
