@@ -92,7 +92,7 @@ def test_straight_through_attack_beats_plain_pgd_on_a_trained_binarised_cnn(mnis
     # pixels in (0.2, 0.8) can cross the threshold, so the attack is weaker than on the bare
     # model, but BPDA must still do better than PGD through the zero gradient.
     split = validation_split(mnist)
-    config = TrainConfig(epochs=1, limit_train_batches=150, max_shift=0, evals_per_epoch=1)
+    config = TrainConfig(epochs=1, lr=0.05, limit_train_batches=150, max_shift=0, evals_per_epoch=1)
     model = train(config, split, "cpu", progress=False).model
     defended = bit_depth_defense(model, bits=1)
     x, y = mnist.test_images[:300], mnist.test_labels[:300]
@@ -210,7 +210,7 @@ def test_adversarial_training_makes_the_model_more_robust(mnist):
     # PGD-trained model must be much harder to attack at a small eps.
     split = validation_split(mnist)
     # Measured: about 22% -> 66% under PGD-10 at eps = 0.2 with these settings.
-    short = TrainConfig(epochs=1, limit_train_batches=60, max_shift=0, evals_per_epoch=1)
+    short = TrainConfig(epochs=1, lr=0.05, limit_train_batches=60, max_shift=0, evals_per_epoch=1)
     base = train(short, split, "cpu", progress=False)
     config = AdvTrainConfig(
         eps=0.2,

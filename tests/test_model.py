@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torchinfo import summary
 
-from mnistlab.model import MnistCNN, layer_table, neuron_counts, parameter_counts
+from mnistlab.model import VARIANTS, MnistCNN, layer_table, neuron_counts, parameter_counts
 
 
 def test_parameter_counts_equal_the_analytic_values():
@@ -82,3 +86,34 @@ def test_layer_table_leaves_mode_alone():
     model = MnistCNN("bn").train()
     layer_table(model)
     assert model.training
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pool_first_forward_equals_forward_in_logits_and_gradients(variant, channels_last):
+    torch.manual_seed(0)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = MnistCNN(variant).to(memory_format=memory_format).train()
+    twin = copy.deepcopy(model)
+    x = torch.rand(16, 1, 28, 28)
+    x[:4] = 0.0  # blank images: every pooling window holds tied conv outputs (the bias)
+    x = x.contiguous(memory_format=memory_format)
+    y = torch.arange(16) % 10
+    logits, fast = model(x), twin.forward_pool_first(x)
+    assert torch.equal(logits, fast)  # exactly, not approximately: max and ReLU commute
+    F.cross_entropy(logits, y).backward()
+    F.cross_entropy(fast, y).backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name
+    if variant == "bn":  # batch statistics were updated identically
+        assert torch.equal(model.layers.bn1.running_var, twin.layers.bn1.running_var)
+
+
+def test_pool_first_order_reuses_the_layers_and_registers_nothing_new():
+    model = MnistCNN("bn")
+    order = model._pool_first_order
+    assert sorted(map(id, order)) == sorted(map(id, model.layers))  # the same modules, moved
+    kinds = [type(m).__name__ for m in order]
+    assert kinds[:5] == ["Conv2d", "BatchNorm2d", "MaxPool2d", "ReLU", "Conv2d"]
+    assert all(key.startswith("layers.") for key in model.state_dict())
+    assert sum(isinstance(m, nn.ReLU) for m in model.modules()) == 3

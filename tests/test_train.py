@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from mnistlab.data import validation_split
@@ -11,7 +13,9 @@ from mnistlab.train import (
     autocast_dtype,
     confusion_matrix,
     evaluate,
+    make_optimizer,
     predict,
+    random_affine,
     random_translate,
     train,
 )
@@ -80,6 +84,8 @@ def test_autocast_choice():
     assert autocast_dtype(torch.device("cpu"), "off") is None
     assert autocast_dtype(torch.device("cpu"), "bf16") is torch.bfloat16
     assert autocast_dtype(torch.device("cuda"), "fp16") is torch.float16
+    # fp32 on a GPU unless asked: this launch-bound net ran slower under autocast on an H100
+    assert autocast_dtype(torch.device("cuda"), "auto") is None
 
 
 def test_confusion_matrix_hand_case():
@@ -87,3 +93,62 @@ def test_confusion_matrix_hand_case():
     predictions = torch.tensor([0, 1, 1, 2, 0, 2])
     m = confusion_matrix(labels, predictions, classes=3)
     assert m.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+
+
+def test_random_affine_without_rotation_zoom_or_shift_is_the_identity():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(8, 1, 28, 28)
+    assert torch.allclose(random_affine(images, 0.0, 0.0, 0.0, gen), images, atol=1e-5)
+
+
+def test_random_affine_warps_each_image_within_the_pixel_range():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.zeros(32, 1, 28, 28)
+    images[:, :, 10:18, 12:16] = 1.0  # a bar in the middle, away from the border
+    warped = random_affine(images, 15.0, 0.1, 2.0, gen)
+    assert warped.shape == images.shape
+    assert warped.min() >= 0.0 and warped.max() <= 1.0
+    changed = (warped - images).abs().flatten(1).amax(1) > 0.1
+    assert changed.all()  # every image got its own non-trivial warp
+    ink = warped.flatten(1).sum(1) / images.flatten(1).sum(1)
+    assert ((ink > 0.7) & (ink < 1.3)).all()  # zoom <= 10%: the bar keeps about its area
+
+
+def test_moving_average_with_no_memory_keeps_the_trained_weights(mnist):
+    split = validation_split(mnist)
+    base = TrainConfig(epochs=1, limit_train_batches=5, evals_per_epoch=1, mixed_precision="off")
+    plain = train(base, split, "cpu", progress=False).model.state_dict()
+    # decay ~0: the average is the current weights, so it must equal the run without averaging
+    forgetful = train(replace(base, ema_decay=1e-12), split, "cpu", progress=False).model
+    # decay 0.9: the kept weights are an average of the trajectory, not the last weights
+    averaged = train(replace(base, ema_decay=0.9), split, "cpu", progress=False).model
+    for key, value in plain.items():
+        if value.is_floating_point():
+            assert torch.allclose(forgetful.state_dict()[key], value, atol=1e-6), key
+    assert not torch.allclose(
+        averaged.state_dict()["layers.fc1.weight"], plain["layers.fc1.weight"]
+    )
+
+
+def test_fused_optimizer_takes_the_same_step_as_the_reference_sgd():
+    torch.manual_seed(0)
+    config = TrainConfig()
+    a, b = MnistCNN(), MnistCNN()
+    b.load_state_dict(a.state_dict())
+    fused = make_optimizer(a, config, torch.device("cpu"))
+    reference = torch.optim.SGD(
+        b.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=True,
+        weight_decay=config.weight_decay,
+        foreach=False,
+    )
+    for _ in range(3):
+        x, y = torch.rand(8, 1, 28, 28), torch.arange(8)
+        for model, optimizer in ((a, fused), (b, reference)):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6)

@@ -156,7 +156,11 @@ def gradient_ascent(
         x = x.detach()
         with torch.no_grad():
             record(config.steps, score_fn(model, x))
-    return AscentResult(x, start.detach().clone(), objective.cpu(), score.cpu(), lam.cpu())
+    # Everything on the CPU, whatever device the model ran on: callers compare the images with
+    # CPU references (analytic optima, plots) without device juggling.
+    return AscentResult(
+        x.cpu(), start.detach().cpu().clone(), objective.cpu(), score.cpu(), lam.cpu()
+    )
 
 
 def rise_summary(objective: torch.Tensor) -> dict[str, float]:

@@ -42,10 +42,38 @@ class MnistCNN(nn.Module):
         layers += [("bn3", nn.BatchNorm1d(500))] if bn else []
         layers += [("relu3", nn.ReLU()), ("fc2", nn.Linear(500, 10))]
         self.layers = nn.Sequential(OrderedDict(layers))
+        # The same layers with each ReLU -> max-pool pair run as max-pool -> ReLU (see
+        # forward_pool_first). A plain list, so the modules are not registered twice.
+        self._pool_first_order = _swap_relu_pool(list(self.layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map images in [0, 1], shape (N, 1, 28, 28), to logits of shape (N, 10)."""
         return self.layers((x - MNIST_MEAN) / MNIST_STD)
+
+    def forward_pool_first(self, x: torch.Tensor) -> torch.Tensor:
+        """forward() with max-pooling before each ReLU: the same logits and gradients, cheaper.
+
+        ReLU is monotone, so max(relu(a), relu(b)) == relu(max(a, b)) exactly, in any precision,
+        and the gradients agree too (pooling routes the gradient to the window's maximum; ReLU
+        then zeroes it where that maximum is not positive, in either order). Pooling first lets
+        the ReLU and its backward touch a quarter of the values: training runs about 1.4x
+        faster on a CPU (tests/test_model.py checks that logits and gradients are equal).
+        Forward hooks on relu/pool layers would see the swapped order, so everything that
+        inspects layers (the layer table, Part 2's activations) uses forward().
+        """
+        z = (x - MNIST_MEAN) / MNIST_STD
+        for layer in self._pool_first_order:
+            z = layer(z)
+        return z
+
+
+def _swap_relu_pool(layers: list[nn.Module]) -> list[nn.Module]:
+    """The layer sequence with every ReLU that is followed by a max-pool moved after it."""
+    order = list(layers)
+    for i in range(len(order) - 1):
+        if isinstance(order[i], nn.ReLU) and isinstance(order[i + 1], nn.MaxPool2d):
+            order[i], order[i + 1] = order[i + 1], order[i]
+    return order
 
 
 @contextmanager

@@ -1,0 +1,187 @@
+"""Recipe search on the validation split: how the training recipe of Part 1 was chosen.
+
+    python -m mnistlab.recipes [--seeds 6] [--workers 4] [--only default,shift2] [--out FILE]
+
+Trains every candidate recipe (a set of TrainConfig overrides) with several seeds and ranks the
+candidates by mean validation accuracy over the seeds. The test images are never evaluated here:
+a recipe chosen on test accuracy would make the reported test accuracy an optimistic estimate.
+Runs go to a pool of worker processes (on a GPU several small runs share the device well), and
+each finished run is appended to a JSON-lines file at once, so a cut-off search keeps its runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import load_mnist, validation_split
+
+# Each candidate: TrainConfig fields that differ from the defaults. Round 1 started from the
+# first recipe (peak learning rate 0.05); its winner, 0.1, is the default now.
+CANDIDATES: dict[str, dict[str, Any]] = {
+    "lr0.05": {"lr": 0.05},
+    "shift2": {"lr": 0.05, "max_shift": 2},
+    "smooth0.1": {"lr": 0.05, "label_smoothing": 0.1},
+    "ema0.998": {"lr": 0.05, "ema_decay": 0.998},
+    "affine10": {"lr": 0.05, "max_rotation": 10.0, "max_scale": 0.1},
+    "affine10+ema": {"lr": 0.05, "max_rotation": 10.0, "max_scale": 0.1, "ema_decay": 0.998},
+    "affine15+shift2": {"lr": 0.05, "max_rotation": 15.0, "max_scale": 0.15, "max_shift": 2},
+    "lr0.1": {"lr": 0.1},
+    "lr0.02": {"lr": 0.02},
+    "wd1e-3": {"lr": 0.05, "weight_decay": 1e-3},
+    "wd2e-4": {"lr": 0.05, "weight_decay": 2e-4},
+    "batch64": {"lr": 0.05, "batch_size": 64},
+    "batch256+lr0.1": {"batch_size": 256, "lr": 0.1},
+    "shift2+smooth0.1": {"lr": 0.05, "max_shift": 2, "label_smoothing": 0.1},
+    "bn": {"lr": 0.05, "variant": "bn"},
+    "bn+affine10": {"lr": 0.05, "variant": "bn", "max_rotation": 10.0, "max_scale": 0.1},
+    "epochs6": {"lr": 0.05, "epochs": 6},
+    "epochs8": {"lr": 0.05, "epochs": 8},
+    # Round 2, around the winner of round 1 (a higher peak learning rate).
+    "lr0.15": {"lr": 0.15},
+    "lr0.2": {"lr": 0.2},
+    "lr0.3": {"lr": 0.3},
+    "lr0.1+wd2e-4": {"lr": 0.1, "weight_decay": 2e-4},
+    "lr0.2+wd2e-4": {"lr": 0.2, "weight_decay": 2e-4},
+    "lr0.1+affine10": {"lr": 0.1, "max_rotation": 10.0, "max_scale": 0.1},
+    "lr0.2+affine10": {"lr": 0.2, "max_rotation": 10.0, "max_scale": 0.1},
+    "lr0.1+ema": {"lr": 0.1, "ema_decay": 0.998},
+    "lr0.1+warmup0.3": {"lr": 0.1, "warmup_fraction": 0.3},
+    "bn+lr0.1": {"variant": "bn", "lr": 0.1},
+    "bn+lr0.2": {"variant": "bn", "lr": 0.2},
+    # The one-epoch run (Part 1's "after the first epoch"): no augmentation, many small steps.
+    "1ep:b32+lr0.04": {
+        "epochs": 1,
+        "batch_size": 32,
+        "lr": 0.04,
+        "max_shift": 0,
+        "warmup_fraction": 0.2,
+    },
+    "1ep:b32+lr0.08": {
+        "epochs": 1,
+        "batch_size": 32,
+        "lr": 0.08,
+        "max_shift": 0,
+        "warmup_fraction": 0.2,
+    },
+    "1ep:b64+lr0.1": {
+        "epochs": 1,
+        "batch_size": 64,
+        "lr": 0.1,
+        "max_shift": 0,
+        "warmup_fraction": 0.2,
+    },
+    "1ep:b32+lr0.06+wd2e-4": {
+        "epochs": 1,
+        "batch_size": 32,
+        "lr": 0.06,
+        "max_shift": 0,
+        "warmup_fraction": 0.2,
+        "weight_decay": 2e-4,
+    },
+}
+
+_split = None  # each worker process loads the data once
+
+
+def _load_split() -> None:
+    global _split
+    torch.set_num_threads(max(1, int(os.environ.get("MNISTLAB_WORKER_THREADS", "1"))))
+    from .pipeline import SPLIT_SEED, VAL_SIZE
+
+    _split = validation_split(load_mnist(), VAL_SIZE, SPLIT_SEED)
+
+
+def run_candidate(job: tuple[str, dict[str, Any], int]) -> dict[str, Any]:
+    """Train one (candidate, seed) and return its validation figures and wall time."""
+    from .train import TrainConfig, train
+
+    name, overrides, seed = job
+    config = replace(TrainConfig(), **overrides, seed=seed)
+    start = time.perf_counter()
+    result = train(config, _split, progress=False)
+    return {
+        "candidate": name,
+        "overrides": overrides,
+        "seed": seed,
+        "best_val_accuracy": result.best_val_accuracy,
+        "final_val_accuracy": result.history[-1]["val_accuracy"],
+        "seconds": time.perf_counter() - start,
+        "seconds_per_epoch": result.seconds_per_epoch,
+        "device": result.device,
+        "config": asdict(config),
+    }
+
+
+def rank(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Candidates sorted by mean best validation accuracy, with std and run count."""
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        by_name.setdefault(run["candidate"], []).append(run)
+    table = []
+    for name, group in by_name.items():
+        acc = [r["best_val_accuracy"] for r in group]
+        table.append(
+            {
+                "candidate": name,
+                "runs": len(acc),
+                "mean_val_accuracy": statistics.mean(acc),
+                "std_val_accuracy": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                "mean_seconds": statistics.mean(r["seconds"] for r in group),
+            }
+        )
+    return sorted(table, key=lambda row: -row["mean_val_accuracy"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the search and print the ranking."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=6)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--only", default="", help="comma-separated candidate names")
+    parser.add_argument("--out", default="build/recipes.jsonl")
+    parser.add_argument("--limit-batches", type=int, default=0, help="> 0: a smoke run")
+    args = parser.parse_args(argv)
+    names = args.only.split(",") if args.only else list(CANDIDATES)
+    unknown = sorted(set(names) - set(CANDIDATES))
+    if unknown:
+        parser.error(f"unknown candidates {unknown}; known: {', '.join(CANDIDATES)}")
+
+    # Seed-major order: a search cut short still has every candidate at the same seed count.
+    extra = {"limit_train_batches": args.limit_batches} if args.limit_batches else {}
+    jobs = [
+        (name, {**CANDIDATES[name], **extra}, seed) for seed in range(args.seeds) for name in names
+    ]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs = []
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    with context.Pool(args.workers, initializer=_load_split) as pool, out.open("a") as log:
+        for i, run in enumerate(pool.imap_unordered(run_candidate, jobs), 1):
+            runs.append(run)
+            log.write(json.dumps(run) + "\n")
+            log.flush()
+            print(
+                f"[{i}/{len(jobs)}] {run['candidate']} seed {run['seed']}: "
+                f"val {run['best_val_accuracy']:.4f} ({run['seconds']:.1f} s)",
+                flush=True,
+            )
+    for row in rank(runs):
+        print(
+            f"{row['candidate']:>18}  {row['mean_val_accuracy']:.4%} +- {row['std_val_accuracy']:.4%}"
+            f"  ({row['runs']} runs, {row['mean_seconds']:.1f} s each)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
