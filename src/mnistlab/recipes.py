@@ -88,6 +88,41 @@ CANDIDATES: dict[str, dict[str, Any]] = {
         "warmup_fraction": 0.2,
         "weight_decay": 2e-4,
     },
+    # Round 3, on this CPU: the one-epoch run missed 99.0% test with lr 0.08 (98.89%), so the
+    # faster-converging BN variant and weight averaging were tried, again judged on validation.
+    "1ep:bn+b32+lr0.04": {
+        "variant": "bn",
+        "epochs": 1,
+        "batch_size": 32,
+        "lr": 0.04,
+        "max_shift": 0,
+        "warmup_fraction": 0.2,
+    },
+    "1ep:bn+b32+lr0.08": {
+        "variant": "bn",
+        "epochs": 1,
+        "batch_size": 32,
+        "lr": 0.08,
+        "max_shift": 0,
+        "warmup_fraction": 0.2,
+    },
+    "1ep:b32+lr0.08+ema": {
+        "epochs": 1,
+        "batch_size": 32,
+        "lr": 0.08,
+        "max_shift": 0,
+        "warmup_fraction": 0.2,
+        "ema_decay": 0.998,
+    },
+    "1ep:bn+b32+lr0.08+ema": {
+        "variant": "bn",
+        "epochs": 1,
+        "batch_size": 32,
+        "lr": 0.08,
+        "max_shift": 0,
+        "warmup_fraction": 0.2,
+        "ema_decay": 0.998,
+    },
 }
 
 _split = None  # each worker process loads the data once
@@ -99,6 +134,15 @@ def _load_split() -> None:
     from .pipeline import SPLIT_SEED, VAL_SIZE
 
     _split = validation_split(load_mnist(), VAL_SIZE, SPLIT_SEED)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model and thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from .report import cpu_name
+
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
 
 
 def run_candidate(job: tuple[str, dict[str, Any], int]) -> dict[str, Any]:
@@ -118,6 +162,7 @@ def run_candidate(job: tuple[str, dict[str, Any], int]) -> dict[str, Any]:
         "seconds": time.perf_counter() - start,
         "seconds_per_epoch": result.seconds_per_epoch,
         "device": result.device,
+        "device_name": device_name(torch.device(result.device)),
         "config": asdict(config),
     }
 

@@ -195,7 +195,7 @@ def recipe_table(path: Path) -> str:
     from .recipes import rank
 
     runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    devices = sorted({r.get("gpu") or r["device"] for r in runs})
+    devices = sorted({r.get("gpu") or r.get("device_name") or r["device"] for r in runs})
     lines = [
         f"## How the training recipe was chosen (`python -m mnistlab.recipes`, {', '.join(devices)})",
         "",
@@ -226,8 +226,8 @@ def write_summary(out: Path, notebooks: list[Path], metrics: dict[str, Any]) -> 
     lines += [results_table(metrics), ""]
     for bench in sorted(out.glob("bench*.json")):  # bench.json (this CPU), bench_cuda.json
         lines += [bench_table(json.loads(bench.read_text())), ""]
-    if (out / "recipe_search.jsonl").is_file():
-        lines += [recipe_table(out / "recipe_search.jsonl"), ""]
+    for search in sorted(out.glob("recipe_search*.jsonl")):
+        lines += [recipe_table(search), ""]
     lines += ["## Notebooks", ""]
     lines += [
         f"- [{nb.stem}]({nb.stem}.html) (executed notebook: [notebooks/{nb.name}](notebooks/{nb.name}))"

