@@ -122,7 +122,7 @@ class AdvTrainConfig:
     eps: float = 0.35  # training L-infinity radius on the [0, 1] scale (evaluated at 0.3)
     steps: int = 3  # PGD steps of the inner maximisation
     step_size: float = 0.12  # on the [0, 1] scale; scaled by eps_t / eps during the eps ramp
-    epochs: int = 4
+    epochs: int = 6
     eps_ramp_epochs: float = 0.5  # eps grows linearly from 0 over this many epochs
     batch_size: int = 128
     lr: float = 0.05  # peak of the one-cycle schedule (SGD + Nesterov momentum)

@@ -180,9 +180,15 @@ def epoch_lines(epochs: dict[str, Any]) -> list[str]:
         "bn": "batch norm",
         "plain_fp32": "plain, fp32 (no autocast)",
         "plain_bf16": "plain, bf16 autocast",
+        "bn_bf16": "batch norm, bf16 autocast",
         "plain_fp16": "plain, fp16 autocast + GradScaler",
     }
-    lines = ["", "| default run (4 epochs) | median s/epoch | test accuracy |", "|---|---:|---:|"]
+    n = len(next(iter(epochs.values()))["seconds_per_epoch"])
+    lines = [
+        "",
+        f"| default run ({n} epochs) | median s/epoch | test accuracy |",
+        "|---|---:|---:|",
+    ]
     lines += [
         f"| {names.get(k, k)} | {e['median_seconds_per_epoch']:.2f} | {pct(e['test_accuracy'])} |"
         for k, e in epochs.items()
