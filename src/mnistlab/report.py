@@ -150,13 +150,15 @@ def bench_table(b: dict[str, Any]) -> str:
     """The throughput benchmark (`make bench`) as a Markdown section."""
     t, r = b["throughput"], b["ratio"]
     to_99 = b.get("seconds_to_99")
+    dtype = b["autocast_dtype"]
+    precision = "fp32, no autocast" if dtype == "float32" else f"{dtype} autocast"
     return "\n".join(
         [
             f"## Training throughput (`make bench`, {b['device']}, torch {b['torch']})",
             "",
             "| pipeline | images/s |",
             "|---|---:|",
-            f"| project (in-memory tensors, {b['autocast_dtype']} autocast, channels_last={b['channels_last']}) | {t['project']:,.0f} |",
+            f"| project (in-memory tensors, {precision}, channels_last={b['channels_last']}) | {t['project']:,.0f} |",
             f"| naive fp32 eager, same tensors | {t['naive_fp32']:,.0f} |",
             f"| DataLoader + per-sample ToTensor/Normalize | {t['dataloader']:,.0f} |",
             "",
