@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import linear_model
 from torch import nn
 
 from mnistlab import attacks
@@ -27,15 +28,6 @@ from mnistlab.attacks import (
 from mnistlab.model import MnistCNN
 
 TARGETS = torch.arange(10)
-
-
-def linear_model(seed: int = 0, scale: float = 1.0) -> nn.Module:
-    """logits = W x + b on the flattened image: dC/dx of logits[t] is exactly W[t]."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
-    with torch.no_grad():
-        model[1].weight.mul_(scale)
-    return model
 
 
 def cnn(variant: str = "bn", seed: int = 0) -> MnistCNN:

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import linear_model
 from torch import nn
 
 from mnistlab.data import Split, validation_split
@@ -26,14 +27,6 @@ from mnistlab.defenses import (
 )
 from mnistlab.model import MnistCNN
 from mnistlab.train import TrainConfig, evaluate, train
-
-
-def linear_model(seed: int = 0, scale: float = 1.0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
-    with torch.no_grad():
-        model[1].weight.mul_(scale)
-    return model
 
 
 def grey_images(n: int = 64, seed: int = 0) -> torch.Tensor:

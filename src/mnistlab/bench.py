@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from .data import MNIST, load_mnist, validation_split
 from .model import MnistCNN
+from .pipeline import SPLIT_SEED, VAL_SIZE
 from .train import (
     TrainConfig,
     augment,
@@ -209,8 +210,6 @@ def epoch_timing(data: MNIST, device: torch.device) -> dict[str, Any]:
     Where the default trains in reduced precision, the plain run is repeated in fp32 (same
     seed): the check that bf16/fp16 autocast leaves test accuracy unchanged within seed noise.
     """
-    from .pipeline import SPLIT_SEED, VAL_SIZE
-
     split = validation_split(data, VAL_SIZE, SPLIT_SEED)
     test_x, test_y = data.test_images.to(device), data.test_labels.to(device)
     runs = {"plain": TrainConfig(), "bn": TrainConfig(variant="bn")}

@@ -24,6 +24,9 @@ from typing import Any
 import torch
 
 from .data import load_mnist, validation_split
+from .pipeline import SPLIT_SEED, VAL_SIZE
+from .report import cpu_name
+from .train import TrainConfig, train
 
 # The one-epoch run's fixed part: no augmentation, many small steps, a longer warm-up.
 ONE_EPOCH: dict[str, Any] = {"epochs": 1, "batch_size": 32, "max_shift": 0, "warmup_fraction": 0.2}
@@ -82,8 +85,6 @@ _split = None  # each worker process loads the data once
 def _load_split() -> None:
     global _split
     torch.set_num_threads(max(1, int(os.environ.get("MNISTLAB_WORKER_THREADS", "1"))))
-    from .pipeline import SPLIT_SEED, VAL_SIZE
-
     _split = validation_split(load_mnist(), VAL_SIZE, SPLIT_SEED)
 
 
@@ -91,15 +92,11 @@ def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model and thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    from .report import cpu_name
-
     return f"{cpu_name()} ({torch.get_num_threads()} threads)"
 
 
 def run_candidate(job: tuple[str, dict[str, Any], int]) -> dict[str, Any]:
     """Train one (candidate, seed) and return its validation figures and wall time."""
-    from .train import TrainConfig, train
-
     name, overrides, seed = job
     config = replace(TrainConfig(), **overrides, seed=seed)
     start = time.perf_counter()

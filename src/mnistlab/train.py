@@ -231,8 +231,8 @@ def make_optimizer(
         momentum=config.momentum,
         nesterov=True,
         weight_decay=config.weight_decay,
-        # One kernel for the whole update instead of a few per tensor: the same arithmetic, a
-        # few percent faster on a CPU and fewer kernel launches on a GPU.
+        # One kernel for the whole update instead of a few per tensor: the same update up to
+        # float rounding, a few percent faster on a CPU and fewer kernel launches on a GPU.
         fused=device.type in ("cpu", "cuda"),
     )
 
