@@ -85,3 +85,19 @@ def test_best_is_chosen_by_validation_not_test_accuracy(tmp_path):
     select_best(tmp_path)
     _, meta = load_checkpoint(tmp_path / BEST_NAME)
     assert meta["selected_from"] == "bn-seed0.pt" and meta["variant"] == "bn"
+
+
+def test_best_can_be_chosen_among_the_runs_of_one_recipe(tmp_path):
+    runs = (("bn-seed0", 0.999), ("plain-8ep-seed0", 0.991), ("plain-8ep-seed1", 0.993))
+    for name, val in runs:
+        save_checkpoint(
+            tmp_path / f"{name}.pt",
+            MnistCNN(name.split("-")[0]),
+            metrics={"best_val_accuracy": val},
+            config={},
+        )
+    select_best(tmp_path, "*-8ep-seed*.pt")
+    _, meta = load_checkpoint(tmp_path / BEST_NAME)
+    assert meta["selected_from"] == "plain-8ep-seed1.pt"
+    with pytest.raises(FileNotFoundError, match="12ep"):
+        select_best(tmp_path, "*-12ep-seed*.pt")

@@ -99,7 +99,7 @@ def test_pool_first_forward_equals_forward_in_logits_and_gradients(variant, chan
     x[:4] = 0.0  # blank images: every pooling window holds tied conv outputs (the bias)
     x = x.contiguous(memory_format=memory_format)
     y = torch.arange(16) % 10
-    logits, fast = model(x), twin.forward_pool_first(x)
+    logits, fast = model(x), twin.forward_pool_first(x, fold_bn1=False)
     assert torch.equal(logits, fast)  # exactly, not approximately: max and ReLU commute
     F.cross_entropy(logits, y).backward()
     F.cross_entropy(fast, y).backward()
@@ -117,3 +117,33 @@ def test_pool_first_order_reuses_the_layers_and_registers_nothing_new():
     assert kinds[:5] == ["Conv2d", "BatchNorm2d", "MaxPool2d", "ReLU", "Conv2d"]
     assert all(key.startswith("layers.") for key in model.state_dict())
     assert sum(isinstance(m, nn.ReLU) for m in model.modules()) == 3
+
+
+def test_folded_bn1_matches_the_batch_norm_modules_in_training():
+    torch.manual_seed(0)
+    model = MnistCNN("bn").train()
+    twin = copy.deepcopy(model)
+    x = torch.rand(32, 1, 28, 28)
+    x[:4] = 0.0
+    y = torch.arange(32) % 10
+    reference, folded = model.forward_pool_first(x, fold_bn1=False), twin.forward_pool_first(x)
+    torch.testing.assert_close(folded, reference, rtol=1e-4, atol=1e-4)
+    F.cross_entropy(reference, y).backward()
+    F.cross_entropy(folded, y).backward()
+    params = dict(model.named_parameters())
+    for (name, p), q in zip(params.items(), twin.parameters(), strict=True):
+        # Biases in front of a BN have no effect, so their true gradient is 0: compare on the
+        # scale of the layer's weight gradient, not of the (rounding-sized) bias gradient.
+        scale = params[name.rsplit(".", 1)[0] + ".weight"].grad.abs().max().item()
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-4 * scale, msg=name)
+    for (name, a), b in zip(model.named_buffers(), twin.buffers(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_bn1_fold_changes_nothing_in_eval_mode():
+    torch.manual_seed(0)
+    model = MnistCNN("bn")
+    model.train()(torch.rand(64, 1, 28, 28))  # non-trivial running statistics
+    model.eval()
+    x = torch.rand(8, 1, 28, 28)
+    assert torch.equal(model(x), model.forward_pool_first(x))

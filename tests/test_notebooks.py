@@ -38,7 +38,13 @@ def test_quick_report_records_the_required_metrics(quick_report):
     assert metrics["quick"] is True
     assert metrics["params"]["total"] == 799_078
     c = metrics["classification"]
-    assert set(c["best"]) >= {"variant", "test_accuracy"}
+    assert set(c["best"]) >= {"run", "variant", "epochs", "test_accuracy"}
+    # Parts 2 and 3 use the final run, the study's better variant trained longer.
+    assert c["best"]["run"] == c["final"]["run"]
+    assert c["final"]["config"]["epochs"] > c["config"]["epochs"]
+    assert c["final"]["config"]["variant"] == max(
+        ("plain", "bn"), key=lambda v: (c["final"]["study_mean_val_accuracy"][v], v == "plain")
+    )
     assert len(c["plain"]["test_accuracy"]) == len(c["bn"]["test_accuracy"]) == len(c["seeds"])
     assert 0 < c["first_epoch_test_accuracy"] <= 1
     assert metrics["timing"]["report_seconds"] > 0
@@ -58,6 +64,7 @@ REQUIRED_KEYS = [
     "classification.bn.seconds_per_epoch",
     "classification.best.variant",
     "classification.best.test_accuracy",
+    "classification.final.test_accuracy",
     "classification.first_epoch_test_accuracy",
     "timing.report_seconds",
     "visualization.occlusion.patch",

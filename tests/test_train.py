@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from mnistlab.data import validation_split
@@ -13,6 +14,7 @@ from mnistlab.train import (
     autocast_dtype,
     confusion_matrix,
     evaluate,
+    fold_bn1_enabled,
     make_optimizer,
     predict,
     random_affine,
@@ -87,6 +89,16 @@ def test_autocast_choice():
     # fp32 unless asked: measured faster for this net than autocast, on the CPU and on an H100
     assert autocast_dtype(torch.device("cuda"), "auto") is None
     assert autocast_dtype(torch.device("cpu"), "auto") is None
+
+
+def test_bn1_fold_choice():
+    # on a CPU only, where it was measured faster; on a GPU it adds kernel launches
+    assert fold_bn1_enabled(torch.device("cpu"), "auto")
+    assert not fold_bn1_enabled(torch.device("cuda"), "auto")
+    assert fold_bn1_enabled(torch.device("cuda"), "on")
+    assert not fold_bn1_enabled(torch.device("cpu"), "off")
+    with pytest.raises(ValueError, match="fold_bn1"):
+        fold_bn1_enabled(torch.device("cpu"), "yes")
 
 
 def test_confusion_matrix_hand_case():

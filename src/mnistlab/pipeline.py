@@ -12,7 +12,15 @@ import torch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import MNIST, load_mnist, validation_split
 from .model import MnistCNN
-from .train import TrainConfig, TrainResult, config_dict, default_device, evaluate, train
+from .train import (
+    TrainConfig,
+    TrainResult,
+    config_dict,
+    default_device,
+    evaluate,
+    final_config,
+    train,
+)
 
 CHECKPOINT_DIR_ENV = "MNISTLAB_CHECKPOINTS"
 BEST_NAME = "best.pt"
@@ -24,9 +32,9 @@ def checkpoint_dir(path: str | Path | None = None) -> Path:
     return Path(path or os.environ.get(CHECKPOINT_DIR_ENV) or "checkpoints")
 
 
-def run_name(config: TrainConfig) -> str:
-    """File stem of a run's checkpoint, e.g. 'plain-seed0'."""
-    return f"{config.variant}-seed{config.seed}"
+def run_name(config: TrainConfig, tag: str = "") -> str:
+    """File stem of a run's checkpoint, e.g. 'plain-seed0', or 'plain-8ep-seed0' tagged '8ep'."""
+    return f"{config.variant}-{tag + '-' if tag else ''}seed{config.seed}"
 
 
 def train_and_save(
@@ -35,8 +43,13 @@ def train_and_save(
     folder: str | Path | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    tag: str = "",
 ) -> tuple[TrainResult, dict[str, Any]]:
-    """Train one run on the standard split, measure it on the test set, save its checkpoint."""
+    """Train one run on the standard split, measure it on the test set, save its checkpoint.
+
+    The checkpoint is `run_name(config, tag)`.pt; a tag keeps runs of another recipe (Part 1's
+    longer final run) apart from the study's runs of the same variant and seed.
+    """
     split = validation_split(data, VAL_SIZE, SPLIT_SEED)
     result = train(config, split, device, progress)
     dev = torch.device(result.device)
@@ -50,19 +63,22 @@ def train_and_save(
         "device": result.device,
         "autocast_dtype": result.autocast_dtype,
     }
-    path = checkpoint_dir(folder) / f"{run_name(config)}.pt"
+    path = checkpoint_dir(folder) / f"{run_name(config, tag)}.pt"
     save_checkpoint(
         path, result.model, config=config_dict(config), metrics=metrics, history=result.history
     )
     return result, metrics
 
 
-def select_best(folder: str | Path | None = None) -> Path:
-    """Copy the run with the highest validation accuracy (never test accuracy) to best.pt."""
+def select_best(folder: str | Path | None = None, pattern: str = "*-seed*.pt") -> Path:
+    """Copy the run with the highest validation accuracy (never test accuracy) to best.pt.
+
+    The candidates are the checkpoints matching `pattern`, e.g. the runs of one recipe.
+    """
     folder = checkpoint_dir(folder)
-    runs = sorted(p for p in folder.glob("*-seed*.pt"))
+    runs = sorted(p for p in folder.glob(pattern))
     if not runs:
-        raise FileNotFoundError(f"{folder}: no run checkpoints (*-seed*.pt) to choose from")
+        raise FileNotFoundError(f"{folder}: no run checkpoints ({pattern}) to choose from")
     loaded = [(load_checkpoint(p), p) for p in runs]
     (model, meta), path = max(loaded, key=lambda item: item[0][1]["metrics"]["best_val_accuracy"])
     extra = {
@@ -80,15 +96,20 @@ def load_best_model(
     config: TrainConfig | None = None,
     progress: bool = True,
 ) -> tuple[MnistCNN, dict[str, Any]]:
-    """Load best.pt; when it is missing (a fresh Colab runtime), train the default run and save it."""
+    """Load best.pt; when it is missing (a fresh Colab runtime), train Part 1's final run and save it."""
     path = checkpoint_dir(folder) / BEST_NAME
     if not path.is_file():
-        print(f"{path} not found: training the default model (Part 1's best configuration).")
-        train_and_save(
-            config or TrainConfig(), data or load_mnist(), folder, default_device(), progress
-        )
-        select_best(folder)
+        final = final_config(config or TrainConfig())
+        print(f"{path} not found: training Part 1's final model ({final.epochs} epochs).")
+        tag = final_tag(final)
+        train_and_save(final, data or load_mnist(), folder, default_device(), progress, tag)
+        select_best(folder, f"*-{tag}-seed*.pt")
     return load_checkpoint(path, device)
+
+
+def final_tag(config: TrainConfig) -> str:
+    """The checkpoint tag of Part 1's final run, e.g. '8ep'."""
+    return f"{config.epochs}ep"
 
 
 def load_independent_model(

@@ -77,6 +77,14 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "1ep:bn+b32+lr0.08": {**ONE_EPOCH, "variant": "bn", "lr": 0.08},
     "1ep:b32+lr0.08+ema": {**ONE_EPOCH, "lr": 0.08, "ema_decay": 0.998},
     "1ep:bn+b32+lr0.08+ema": {**ONE_EPOCH, "variant": "bn", "lr": 0.08, "ema_decay": 0.998},
+    # Round 4 (H100): how much longer runs gain, and whether augmentation that did not pay off
+    # in 4 epochs does in 10.
+    "lr0.1+epochs8": {"epochs": 8},
+    "lr0.1+epochs10": {"epochs": 10},
+    "lr0.1+epochs12": {"epochs": 12},
+    "epochs10+shift2": {"epochs": 10, "max_shift": 2},
+    "epochs10+affine10": {"epochs": 10, "max_rotation": 10.0, "max_scale": 0.1},
+    "bn+epochs10": {"variant": "bn", "epochs": 10},
 }
 
 _split = None  # each worker process loads the data once

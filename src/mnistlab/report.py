@@ -82,6 +82,7 @@ def mean_std(values: list[float] | None, scale: float = 100.0, unit: str = "%") 
 def results_table(m: dict[str, Any]) -> str:
     """The headline results as a Markdown table, read from metrics.json."""
     c = m.get("classification", {})
+    best = c.get("best", {})
     v = m.get("visualization", {}).get("occlusion", {})
     a = m.get("adversarial", {})
     d = m.get("defenses", {})
@@ -97,11 +98,18 @@ def results_table(m: dict[str, Any]) -> str:
             f"{m.get('neurons', {}).get('total', 0):,}",
         ),
         (
-            "Best model (chosen on validation)",
-            f"{c.get('best', {}).get('variant', 'n/a')}, test accuracy {pct(c.get('best', {}).get('test_accuracy'))}",
+            "Final model, used by Parts 2 and 3 (recipe chosen on validation)",
+            f"{best.get('variant', 'n/a')}, {best.get('epochs', '?')} epochs: "
+            f"test accuracy {pct(best.get('test_accuracy'))}",
         ),
-        ("Plain CNN test accuracy", mean_std(c.get("plain", {}).get("test_accuracy"))),
-        ("With batch norm test accuracy", mean_std(c.get("bn", {}).get("test_accuracy"))),
+        (
+            f"Plain CNN test accuracy ({c.get('config', {}).get('epochs', '?')}-epoch study)",
+            mean_std(c.get("plain", {}).get("test_accuracy")),
+        ),
+        (
+            "With batch norm test accuracy (same study)",
+            mean_std(c.get("bn", {}).get("test_accuracy")),
+        ),
         (
             "Seconds per epoch, plain / BN",
             f"{mean_std(c.get('plain', {}).get('seconds_per_epoch'), 1, ' s')} / "
@@ -180,6 +188,8 @@ def epoch_lines(epochs: dict[str, Any]) -> list[str]:
     names = {
         "plain": "plain",
         "bn": "batch norm",
+        "bn_fold_off": "batch norm, bn1 not folded into conv1",
+        "bn_fold_on": "batch norm, bn1 folded into conv1",
         "plain_fp32": "plain, fp32 (no autocast)",
         "plain_bf16": "plain, bf16 autocast",
         "bn_bf16": "batch norm, bf16 autocast",
