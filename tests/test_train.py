@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mnistlab.data import validation_split
 from mnistlab.model import MnistCNN
@@ -20,6 +22,7 @@ from mnistlab.train import (
     random_affine,
     random_translate,
     train,
+    training_forward,
 )
 
 
@@ -165,3 +168,31 @@ def test_fused_optimizer_takes_the_same_step_as_the_reference_sgd():
             optimizer.step()
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_training_forward_on_a_cpu_is_the_eager_pool_first_forward():
+    torch.manual_seed(0)
+    model = MnistCNN("bn").train()
+    twin = copy.deepcopy(model)
+    x = torch.rand(8, 1, 28, 28)
+    forward = training_forward(model, TrainConfig(variant="bn"), torch.device("cpu"), x)
+    assert torch.equal(forward(x), twin.forward_pool_first(x))  # cuda_graphs is ignored here
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("variant", ["plain", "bn"])
+def test_cuda_graph_step_equals_the_eager_step(variant):
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = MnistCNN(variant).to(device).train()
+    twin = copy.deepcopy(model)
+    x, y = torch.rand(32, 1, 28, 28, device=device), torch.arange(32, device=device) % 10
+    eager = training_forward(model, TrainConfig(variant=variant, cuda_graphs=False), device, x)
+    graphed = training_forward(twin, TrainConfig(variant=variant), device, x)
+    # The capture's warm-up passes left the weights and the BN statistics as they were.
+    for a, b in zip(model.state_dict().values(), twin.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    F.cross_entropy(eager(x), y).backward()
+    F.cross_entropy(graphed(x), y).backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)

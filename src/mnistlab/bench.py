@@ -4,7 +4,8 @@
 
 - project: the loop of mnistlab.train (in-memory tensors, permutation batches, batched random
   translation, max-pool before ReLU, fused SGD, channels_last, fp32 (faster than bf16 autocast
-  for this net, on this CPU and on an H100), batch 128;
+  for this net, on this CPU and on an H100), batch 128; on a GPU, forward and backward replayed
+  as CUDA graphs;
 - naive_fp32: the same in-memory tensors and model in plain fp32 eager mode, NCHW, batch 64 (the
   pytorch/examples default), no augmentation;
 - dataloader: pytorch/examples style, a Dataset that turns each uint8 image into a PIL image and
@@ -44,6 +45,7 @@ from .train import (
     make_optimizer,
     one_epoch_config,
     train,
+    training_forward,
 )
 
 
@@ -85,7 +87,8 @@ def project_step(data: MNIST, device: torch.device, config: TrainConfig) -> Call
     images, labels = data.train_images.to(device), data.train_labels.to(device)
     generator = torch.Generator(device=device).manual_seed(0)
     dtype = autocast_dtype(device, config.mixed_precision)
-    fold_bn1 = fold_bn1_enabled(device, config.fold_bn1)
+    sample = images[: config.batch_size].contiguous(memory_format=memory_format)
+    forward = training_forward(model, config, device, sample)
     order = iter(())
 
     def step() -> int:
@@ -100,7 +103,7 @@ def project_step(data: MNIST, device: torch.device, config: TrainConfig) -> Call
             batch = next(order)
         x = augment(images[batch], config, generator).contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=bool(dtype)):
-            logits = model.forward_pool_first(x, fold_bn1)
+            logits = forward(x)
         loss = F.cross_entropy(logits.float(), labels[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -226,9 +229,10 @@ def epoch_timing(data: MNIST, device: torch.device) -> dict[str, Any]:
     runs[f"bn_fold_{other}"] = TrainConfig(variant="bn", fold_bn1=other)
     if autocast_dtype(device, TrainConfig().mixed_precision) is not None:
         runs["plain_fp32"] = TrainConfig(mixed_precision="off")
-    elif device.type == "cuda":  # the default is fp32: show what AMP would give
+    elif device.type == "cuda":  # the default is fp32: show what AMP and eager launches give
         amp = "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
         runs[f"plain_{amp}"] = TrainConfig(mixed_precision=amp)
+        runs["plain_no_graphs"] = TrainConfig(cuda_graphs=False)
     elif cpu_supports_bf16():  # the bf16 fast path of CPUs with AMX / AVX512-BF16, for comparison
         runs["plain_bf16"] = TrainConfig(mixed_precision="bf16")
         runs["bn_bf16"] = TrainConfig(variant="bn", mixed_precision="bf16")

@@ -194,6 +194,7 @@ def epoch_lines(epochs: dict[str, Any]) -> list[str]:
         "plain_bf16": "plain, bf16 autocast",
         "bn_bf16": "batch norm, bf16 autocast",
         "plain_fp16": "plain, fp16 autocast + GradScaler",
+        "plain_no_graphs": "plain, no CUDA graphs (a launch per kernel)",
     }
     n = len(next(iter(epochs.values()))["seconds_per_epoch"])
     lines = [
