@@ -140,10 +140,20 @@ def test_folded_bn1_matches_the_batch_norm_modules_in_training():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_bn1_fold_changes_nothing_in_eval_mode():
+def test_eval_mode_folds_the_conv_bns_into_the_same_function():
     torch.manual_seed(0)
     model = MnistCNN("bn")
-    model.train()(torch.rand(64, 1, 28, 28))  # non-trivial running statistics
+    for _ in range(3):  # running statistics and affine parameters away from their defaults
+        model.train()(torch.rand(64, 1, 28, 28))
+    with torch.no_grad():
+        for bn in (model.layers.bn1, model.layers.bn2):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
     model.eval()
-    x = torch.rand(8, 1, 28, 28)
-    assert torch.equal(model(x), model.forward_pool_first(x))
+    x = torch.rand(64, 1, 28, 28)
+    state = copy.deepcopy(model.state_dict())
+    reference, folded = model(x), model.forward_pool_first(x)
+    torch.testing.assert_close(folded, reference, rtol=1e-5, atol=1e-5)
+    assert torch.equal(folded.argmax(1), reference.argmax(1))
+    for key, value in model.state_dict().items():  # folding changed no weight or statistic
+        assert torch.equal(value, state[key]), key
