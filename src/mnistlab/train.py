@@ -117,11 +117,11 @@ def autocast_dtype(device: torch.device, mode: str = "auto") -> torch.dtype | No
         return torch.bfloat16
     if mode == "fp16":
         return torch.float16
-    # "auto" is fp32, measured (make bench, report/bench*.json): with max-pool before ReLU and
-    # channels_last, fp32 ran a plain epoch in 6.2 s on this CPU against 8.2 s under bf16
-    # autocast (AMX), and the BN variant at the same speed in both. On a GPU this small network
-    # is bound by kernel launches, and autocast's extra casts cost more than its faster maths
-    # saves (H100: 0.79 s per epoch in fp32, 1.09 s with bf16). "bf16" / "fp16" select autocast.
+    # "auto" is fp32, measured (make bench, report/bench*.json). This CPU has AVX512-BF16 but
+    # no AMX exposed, and its bf16 kernels run at about half its fp32 GEMM rate: fp32 took 7.9 s
+    # per plain epoch against 10.1 s under bf16 autocast (BN: 10.3 against 11.6 s). On a GPU
+    # fp32 lets the step replay as CUDA graphs (training_forward), which autocast here does not:
+    # H100, 0.41 s per plain epoch against 0.89 s with bf16. "bf16" / "fp16" select autocast.
     return None
 
 
