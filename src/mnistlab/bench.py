@@ -55,6 +55,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def fp32_gemm_gflops(device: torch.device, size: int = 2048, repeats: int = 8) -> float:
+    """The fp32 matrix-product rate of `device` right now, in GFLOP/s: a machine-speed probe.
+
+    Timings on a shared machine drift with its load; stored beside them, this says how fast the
+    machine was when they were taken (this 2-core CPU: about 410 GFLOP/s when quiet).
+    """
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a @ b  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
 def measure(
     steps: dict[str, Callable[[], int]], device: torch.device, warmup: int, windows: int, n: int
 ) -> dict[str, float]:
@@ -261,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = default_device()
     data = load_mnist()
+    gemm_before = fp32_gemm_gflops(device)
     torch.manual_seed(0)
     config = TrainConfig()
     pipelines = {
@@ -288,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             "vs_dataloader": throughput["project"] / throughput["dataloader"],
         },
         "seconds_per_epoch_at_project_rate": 55_000 / throughput["project"],
+        "fp32_gemm_gflops": {"before": gemm_before},
         "report_timing": timing,
     }
     if not args.skip_accuracy:
@@ -296,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         result["to_99"] = to_99
     if not args.skip_epochs:
         result["epochs"] = epoch_timing(data, device)
+    result["fp32_gemm_gflops"]["after"] = fp32_gemm_gflops(device)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

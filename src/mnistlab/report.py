@@ -148,10 +148,19 @@ def results_table(m: dict[str, Any]) -> str:
         rows.append(
             (
                 "`make report` wall time",
-                f"{timing['report_seconds'] / 60:.1f} min on {m.get('environment', {}).get('device', '?')}",
+                f"{timing['report_seconds'] / 60:.1f} min on {m.get('environment', {}).get('device', '?')}"
+                + (f"; {note}" if (note := gemm_note(timing.get("fp32_gemm_gflops"))) else ""),
             )
         )
     return "| result | value |\n|---|---|\n" + "\n".join(f"| {k} | {val} |" for k, val in rows)
+
+
+def gemm_note(gemm: dict[str, float] | None) -> str:
+    """'fp32 matrix products ran at A / B GFLOP/s (before / after)', or '' without a probe."""
+    if not gemm or "before" not in gemm:
+        return ""
+    after = f" / {gemm['after']:.0f}" if "after" in gemm else ""
+    return f"fp32 matrix products ran at {gemm['before']:.0f}{after} GFLOP/s (before / after)"
 
 
 def bench_table(b: dict[str, Any]) -> str:
@@ -175,6 +184,11 @@ def bench_table(b: dict[str, Any]) -> str:
                 f"Time to 99.0% test accuracy: {to_99:.1f} s."
                 if to_99
                 else "99.0% was not reached in one epoch."
+            )
+            + (
+                f" Machine-speed probe: {note}."
+                if (note := gemm_note(b.get("fp32_gemm_gflops")))
+                else ""
             ),
             *epoch_lines(b.get("epochs", {})),
         ]
@@ -343,6 +357,12 @@ def main(argv: list[str] | None = None) -> int:
         "mnist_dir": os.environ.get("MNIST_DIR") or None,
         "progress": False,
     }
+    import torch
+
+    from .bench import fp32_gemm_gflops
+
+    probe_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gemm = {"before": fp32_gemm_gflops(probe_device)}
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     for source in sources:
@@ -352,10 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         to_html(executed, out / f"{source.stem}.html")
         print(f"  done in {seconds[source.stem]:.0f} s", flush=True)
     total = time.perf_counter() - start
+    gemm["after"] = fp32_gemm_gflops(probe_device)
 
-    import torch
-
-    timing: dict[str, Any] = {"notebook_seconds": seconds}
+    # The machine-speed probe before and after: the wall times hold for a machine this fast.
+    timing: dict[str, Any] = {"notebook_seconds": seconds, "fp32_gemm_gflops": gemm}
     if not args.only:
         timing["report_seconds"] = total
     device = (
