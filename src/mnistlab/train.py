@@ -118,8 +118,8 @@ def autocast_dtype(device: torch.device, mode: str = "auto") -> torch.dtype | No
     if mode == "fp16":
         return torch.float16
     # "auto" is fp32, measured (make bench, report/bench*.json). This CPU has AVX512-BF16 but
-    # no AMX exposed, and its bf16 kernels run at about half its fp32 GEMM rate: fp32 took 7.9 s
-    # per plain epoch against 10.1 s under bf16 autocast (BN: 10.3 against 11.6 s). On a GPU
+    # no AMX exposed, and its bf16 kernels run at about half its fp32 GEMM rate: fp32 took 7.8 s
+    # per plain epoch against 10.4 s under bf16 autocast (BN: 10.1 against 12.1 s). On a GPU
     # fp32 lets the step replay as CUDA graphs (training_forward), which autocast here does not:
     # H100, 0.41 s per plain epoch against 0.89 s with bf16. "bf16" / "fp16" select autocast.
     return None
@@ -130,8 +130,8 @@ def fold_bn1_enabled(device: torch.device, mode: str = "auto") -> bool:
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"fold_bn1 must be auto, on or off, got {mode!r}")
     # Measured (make bench, report/bench*.json): on this CPU the fold skips BN's memory-bound
-    # passes over conv1's 32 x 28 x 28 maps (an epoch 8.5 -> 7.5 s); on an H100, where this net is
-    # bound by kernel launches, its dozen small kernels cost more than cuDNN's BN (1.47 -> 2.34 s).
+    # passes over conv1's 32 x 28 x 28 maps (a BN epoch 10.5 -> 10.1 s); on an H100, where this net
+    # is bound by kernel launches, its dozen small kernels cost more than cuDNN's BN (0.48 -> 0.56 s).
     return mode == "on" or (mode == "auto" and device.type == "cpu")
 
 
