@@ -88,9 +88,7 @@ def conv_bn_eval(conv: nn.Conv2d, bn: nn.BatchNorm2d, z: torch.Tensor) -> torch.
     if bn.training or bn.running_var is None:
         return bn(conv(z))  # BN normalising with batch statistics: nothing fixed to fold
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    weight = conv.weight * scale.view(-1, 1, 1, 1)
-    bias = (conv.bias - bn.running_mean) * scale + bn.bias
-    return F.conv2d(z, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return _scaled_conv(conv, z, scale, (conv.bias - bn.running_mean) * scale + bn.bias)
 
 
 def conv_bn_batch_stats(conv: nn.Conv2d, bn: nn.BatchNorm2d, z: torch.Tensor) -> torch.Tensor:
@@ -123,8 +121,15 @@ def conv_bn_batch_stats(conv: nn.Conv2d, bn: nn.BatchNorm2d, z: torch.Tensor) ->
             bn.running_mean.lerp_(mean, bn.momentum)
             bn.running_var.lerp_(var * n / (n - 1), bn.momentum)
             bn.num_batches_tracked += 1
-        weight = conv.weight * scale.view(-1, 1, 1, 1)
         bias = bn.bias + (conv.bias - mean) * scale
+    return _scaled_conv(conv, z, scale, bias)
+
+
+def _scaled_conv(
+    conv: nn.Conv2d, z: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """conv(z) with each output channel's weights scaled by `scale` and the given bias."""
+    weight = conv.weight * scale.view(-1, 1, 1, 1)
     return F.conv2d(z, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 

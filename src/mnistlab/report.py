@@ -360,8 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from .bench import fp32_gemm_gflops
+    from .train import default_device
 
-    probe_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    probe_device = default_device()
     gemm = {"before": fp32_gemm_gflops(probe_device)}
     seconds: dict[str, float] = {}
     start = time.perf_counter()
