@@ -6,7 +6,8 @@
 
 Conventions shared by every attack here:
 - pixels are on the [0, 1] scale the model takes; the assignment's grey levels (0..255) are
-  converted once, in the constants below, and images are clamped to [0, 1] after every step;
+  converted once (model.GREY_LEVEL, model.GREY_128); images are clamped to [0, 1] after every
+  step;
 - one batch holds all targets (one row per target class), so a single forward/backward pass
   advances all 10 attacks at once;
 - plain gradient ascent, x = x + step * dC/dx, no optimiser: the recorded cost must increase;
@@ -27,10 +28,8 @@ import torch.nn.functional as F
 from captum.robust import PGD
 from torch import nn
 
-from .model import frozen_eval
+from .model import GREY_128, GREY_LEVEL, frozen_eval
 
-GREY_LEVEL = 1.0 / 255.0  # one grey level of the assignment's 0..255 scale, on our [0, 1] scale
-GREY_128 = 128 * GREY_LEVEL  # "Gaussian noise centred around 128" -> mean 0.502 on [0, 1]
 CONFIDENT = 0.99  # an attack "reaches" its target when softmax(target) >= this (and is the argmax)
 STD_EPS = 1e-8  # the assignment's epsilon in alpha = 1 / (d.std() + 1e-8)
 NUM_CLASSES = 10

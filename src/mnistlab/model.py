@@ -14,6 +14,9 @@ from torch import nn
 # Mean and std of the MNIST training pixels on the [0, 1] scale; the model normalises inside so
 # that every caller (training, plots, attacks) speaks the same [0, 1] pixel convention.
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+# The assignment states pixel values in grey levels (0..255); they are converted here, once.
+GREY_LEVEL = 1.0 / 255.0  # one grey level on the [0, 1] scale
+GREY_128 = 128 * GREY_LEVEL  # 0.502: the assignment's mid-grey (noise mean, occlusion example)
 VARIANTS = ("plain", "bn")
 INPUT_SHAPE = (1, 28, 28)
 
