@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchinfo import summary
 
-from mnistlab.model import VARIANTS, MnistCNN, layer_table, neuron_counts, parameter_counts
+from mnistlab.model import (
+    VARIANTS,
+    MnistCNN,
+    conv_patches,
+    layer_table,
+    neuron_counts,
+    parameter_counts,
+)
 
 
 def test_parameter_counts_equal_the_analytic_values():
@@ -138,6 +145,17 @@ def test_folded_bn1_matches_the_batch_norm_modules_in_training():
         torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-4 * scale, msg=name)
     for (name, a), b in zip(model.named_buffers(), twin.buffers(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("channels", "kernel", "stride", "padding", "dilation"),
+    [(1, 3, 1, 1, 1), (3, 3, 2, 1, 1), (2, (3, 2), (1, 2), (0, 1), 1), (2, 3, 1, 2, 2)],
+)
+def test_conv_patches_equal_unfold(channels, kernel, stride, padding, dilation):
+    conv = nn.Conv2d(channels, 4, kernel, stride=stride, padding=padding, dilation=dilation)
+    z = torch.randn(5, channels, 11, 9)
+    expected = F.unfold(z, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    assert torch.equal(conv_patches(conv, z), expected.transpose(0, 1).flatten(1))
 
 
 def test_eval_mode_folds_the_conv_bns_into_the_same_function():

@@ -110,8 +110,7 @@ def conv_bn_batch_stats(conv: nn.Conv2d, bn: nn.BatchNorm2d, z: torch.Tensor) ->
     out_channels = conv.weight.shape[0]
     # The statistics in fp32 even under autocast: a variance from bf16 sums would be too coarse.
     with torch.autocast(z.device.type, enabled=False):
-        patches = F.unfold(z.float(), conv.kernel_size, conv.dilation, conv.padding, conv.stride)
-        patches = patches.transpose(0, 1).flatten(1)  # (values per patch, patches in the batch)
+        patches = conv_patches(conv, z.float())  # (values per patch, patches in the batch)
         n = patches.shape[1]
         patch_mean = patches.mean(1)
         centred = patches - patch_mean[:, None]
@@ -126,6 +125,32 @@ def conv_bn_batch_stats(conv: nn.Conv2d, bn: nn.BatchNorm2d, z: torch.Tensor) ->
             bn.num_batches_tracked += 1
         bias = bn.bias + (conv.bias - mean) * scale
     return _scaled_conv(conv, z, scale, bias)
+
+
+def conv_patches(conv: nn.Conv2d, z: torch.Tensor) -> torch.Tensor:
+    """The input patches `conv` sees in `z`, as columns: (in_channels * kh * kw, N * H_out * W_out).
+
+    The values of F.unfold(...).transpose(0, 1).flatten(1), in its order, gathered as one shifted
+    slice of the zero-padded input per kernel tap: for conv1's one input channel that is 5x faster
+    than F.unfold on this CPU (0.22 against 1.22 ms for 128 images).
+    """
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    ph, pw = conv.padding
+    padded = F.pad(z, (pw, pw, ph, ph))
+    n, c, h, w = padded.shape
+    h_out, w_out = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    taps = [
+        padded[
+            :,
+            :,
+            i * dh : i * dh + sh * (h_out - 1) + 1 : sh,
+            j * dw : j * dw + sw * (w_out - 1) + 1 : sw,
+        ]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    # (taps, N, C, H_out, W_out) -> (C, taps, N, H_out, W_out): unfold's (channel, tap) row order.
+    return torch.stack(taps).permute(2, 0, 1, 3, 4).reshape(c * kh * kw, n * h_out * w_out)
 
 
 def _scaled_conv(
