@@ -16,8 +16,8 @@ def keep_freed_memory() -> bool:
 
     By default glibc maps big blocks with mmap and unmaps them when freed, so a training step's
     activation and gradient buffers (12.8 MB each for conv1's maps at batch 128) can come back
-    as fresh pages that fault in one by one. In `make bench`, where three pipelines share the
-    process, the project's step took about 5,600 page faults and ran 35% slower for it. With a
+    as fresh pages that fault in one by one. This showed in `make bench`, where three pipelines
+    share the process: the project's step page-faulted thousands of times per step. With a
     fixed mmap threshold and a high trim threshold the buffers are reused. Returns False, and
     changes nothing, where the C library is not glibc (macOS, Windows, musl).
     """

@@ -60,8 +60,8 @@ class MnistCNN(nn.Module):
         ReLU is monotone, so max(relu(a), relu(b)) == relu(max(a, b)) exactly, in any precision,
         and the gradients agree too (pooling routes the gradient to the window's maximum; ReLU
         then zeroes it where that maximum is not positive, in either order). Pooling first lets
-        the ReLU and its backward touch a quarter of the values: training runs about 1.4x
-        faster on a CPU (tests/test_model.py checks that logits and gradients are equal).
+        the ReLU and its backward touch a quarter of the values, which makes training faster on
+        a CPU (tests/test_model.py checks that logits and gradients are equal).
 
         The BN variant also folds its 2-d BNs into the convolutions before them, which gives the
         same function up to float rounding and skips BN's passes over the conv maps: in eval mode
