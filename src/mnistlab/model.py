@@ -131,8 +131,7 @@ def conv_patches(conv: nn.Conv2d, z: torch.Tensor) -> torch.Tensor:
     """The input patches `conv` sees in `z`, as columns: (in_channels * kh * kw, N * H_out * W_out).
 
     The values of F.unfold(...).transpose(0, 1).flatten(1), in its order, gathered as one shifted
-    slice of the zero-padded input per kernel tap: for conv1's one input channel that is 5x faster
-    than F.unfold on this CPU (0.22 against 1.22 ms for 128 images).
+    slice of the zero-padded input per kernel tap, which costs a CPU less than unfold's im2col.
     """
     (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
     ph, pw = conv.padding
