@@ -59,7 +59,7 @@ def fp32_gemm_gflops(device: torch.device, size: int = 2048, repeats: int = 8) -
     """The fp32 matrix-product rate of `device` right now, in GFLOP/s: a machine-speed probe.
 
     Timings on a shared machine drift with its load; stored beside them, this says how fast the
-    machine was when they were taken (this 2-core CPU: about 410 GFLOP/s when quiet).
+    machine was when they were taken.
     """
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
