@@ -2,9 +2,10 @@
 
 Each 3x3 kernel's energy is split into orthogonal parts: its odd part (positive on one side,
 negative on the opposite side: an oriented edge detector) and its part unchanged by 90-degree
-rotations and mirror flips (an isotropic blob / spot detector). Every number comes with its value
-for random Gaussian kernels, the no-structure baseline. Measurements run in fp32, in eval mode,
-without gradients; figure functions return a matplotlib Figure built without pyplot.
+rotations and mirror flips (an isotropic blob / spot detector). `filter_summary` gives each of its
+numbers beside its value for random Gaussian kernels, the no-structure baseline. Measurements run in
+fp32, in eval mode, without gradients; figure functions return a matplotlib Figure built without
+pyplot.
 """
 
 from __future__ import annotations
