@@ -13,6 +13,7 @@ from mnistlab.activations import (
     activation_statistics,
     feature_layers,
     feature_maps,
+    mosaic,
     nearest_centroid_accuracy,
     plot_activation_statistics,
     plot_feature_maps,
@@ -76,3 +77,15 @@ def test_feature_map_figure_has_a_panel_per_image_and_layer(variant):
     accuracy = nearest_centroid_accuracy(model, images, labels, images, labels)
     fig = plot_activation_statistics(activation_statistics(model, images), accuracy)
     assert len(fig.axes) == 3
+
+
+def test_mosaic_places_tiles_row_major_with_nan_gaps():
+    tiles = torch.arange(12, dtype=torch.float32).view(3, 2, 2)
+    m = mosaic(tiles, ncols=2, gap=1)
+    assert m.shape == (5, 5)
+    assert (m[0:2, 0:2] == tiles[0].numpy()).all() and (m[0:2, 3:5] == tiles[1].numpy()).all()
+    assert (m[3:5, 0:2] == tiles[2].numpy()).all()
+    assert torch.isnan(torch.from_numpy(m[3:5, 3:5])).all()  # the unused fourth cell
+    assert (
+        torch.isnan(torch.from_numpy(m[2])).all() and torch.isnan(torch.from_numpy(m[:, 2])).all()
+    )

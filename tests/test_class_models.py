@@ -265,15 +265,3 @@ def test_figures_are_figures():
         field = cm.receptive_field(model, layer)
         fig = cm.plot_feature_images(layer, weight, r.images, r.images, field, position)
         assert isinstance(fig, Figure)
-
-
-def test_mosaic_places_tiles_row_major_with_nan_gaps():
-    tiles = torch.arange(12, dtype=torch.float32).view(3, 2, 2)
-    m = cm.mosaic(tiles, ncols=2, gap=1)
-    assert m.shape == (5, 5)
-    assert (m[0:2, 0:2] == tiles[0].numpy()).all() and (m[0:2, 3:5] == tiles[1].numpy()).all()
-    assert (m[3:5, 0:2] == tiles[2].numpy()).all()
-    assert torch.isnan(torch.from_numpy(m[3:5, 3:5])).all()  # the unused fourth cell
-    assert (
-        torch.isnan(torch.from_numpy(m[2])).all() and torch.isnan(torch.from_numpy(m[:, 2])).all()
-    )

@@ -156,14 +156,15 @@ def nearest_centroid_accuracy(
     return {name: hits / len(eval_images) for name, hits in correct.items()}
 
 
-def _tile(maps: torch.Tensor, ncols: int = 8, gap: int = 1) -> np.ndarray:
-    """(C, H, W) maps tiled into one image (ncols per row), NaN between tiles."""
-    c, h, w = maps.shape
-    nrows = math.ceil(c / ncols)
+def mosaic(tiles: torch.Tensor, ncols: int, gap: int = 1) -> np.ndarray:
+    """(N, h, w) tiles laid out row-major in `ncols` columns, NaN in the gaps and unused cells."""
+    tiles = tiles.detach().float().cpu()
+    n, h, w = tiles.shape
+    nrows = math.ceil(n / ncols)
     out = np.full((nrows * (h + gap) - gap, ncols * (w + gap) - gap), np.nan, dtype=np.float32)
-    for i in range(c):
-        r, q = divmod(i, ncols)
-        out[r * (h + gap) : r * (h + gap) + h, q * (w + gap) : q * (w + gap) + w] = maps[i].numpy()
+    for i in range(n):
+        r, c = divmod(i, ncols)
+        out[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = tiles[i]
     return out
 
 
@@ -202,7 +203,7 @@ def plot_feature_maps(
         style = {"cmap": "RdBu_r", "vmin": -limit} if signed else {"cmap": "magma", "vmin": 0.0}
         for c in range(n):
             ax = axes[r, c]
-            im = ax.imshow(_tile(stack[c]), interpolation="nearest", vmax=limit, **style)
+            im = ax.imshow(mosaic(stack[c], 8), interpolation="nearest", vmax=limit, **style)
             ax.set_facecolor("0.6")  # the gaps between channels
             zeros = float((stack[c] == 0).float().mean())
             ax.set_title(f"{name}: zeros {zeros:.0%}", fontsize=8)

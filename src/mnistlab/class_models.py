@@ -33,6 +33,7 @@ from matplotlib.patches import Rectangle
 from torch import nn
 from tqdm.auto import tqdm
 
+from .activations import mosaic
 from .model import INPUT_SHAPE, MNIST_STD, frozen_eval
 from .train import predict, random_translate
 
@@ -480,18 +481,6 @@ def changed_box_sizes(images: torch.Tensor, start: torch.Tensor, tol: float = 1e
 # ==================================================================================================
 # Figures (each returns a Figure built without pyplot)
 # ==================================================================================================
-
-
-def mosaic(tiles: torch.Tensor, ncols: int, gap: int = 1) -> np.ndarray:
-    """(N, h, w) tiles laid out row-major in `ncols` columns, NaN in the gaps and unused cells."""
-    tiles = tiles.detach().float().cpu()
-    n, h, w = tiles.shape
-    nrows = math.ceil(n / ncols)
-    out = np.full((nrows * (h + gap) - gap, ncols * (w + gap) - gap), np.nan, dtype=np.float32)
-    for i in range(n):
-        r, c = divmod(i, ncols)
-        out[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = tiles[i]
-    return out
 
 
 def _show_mosaic(ax, tiles: torch.Tensor, ncols: int, gap: int = 1, **imshow):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
 
-from .activations import TOP_FRACTION, feature_maps
+from .activations import TOP_FRACTION, feature_maps, mosaic
 from .model import MnistCNN
 from .occlusion import STROKE_THRESHOLD
 
@@ -316,27 +316,21 @@ def plot_filter_responses(
 
 def kernel_mosaic(weight: torch.Tensor, gap: int = 1) -> np.ndarray:
     """The (out, in, k, k) kernels of a conv layer tiled as one image, NaN between kernels."""
-    w = weight.detach().float().cpu().numpy()
-    n_out, n_in, k, _ = w.shape
-    step = k + gap
-    mosaic = np.full((n_out * step - gap, n_in * step - gap), np.nan, dtype=np.float32)
-    for o in range(n_out):
-        for i in range(n_in):
-            mosaic[o * step : o * step + k, i * step : i * step + k] = w[o, i]
-    return mosaic
+    n_out, n_in, kh, kw = weight.shape
+    return mosaic(weight.reshape(n_out * n_in, kh, kw), n_in, gap)
 
 
 def plot_conv2_filters(weight: torch.Tensor) -> Figure:
     """conv2's out x in grid of 3x3 kernels (symmetric scale) beside the norm of each kernel."""
     n_out, n_in, k, _ = weight.shape
-    mosaic = kernel_mosaic(weight)
+    tiled = kernel_mosaic(weight)
     norms = weight.detach().float().cpu().flatten(2).norm(dim=2)
-    limit = float(np.nanmax(np.abs(mosaic)))
+    limit = float(np.nanmax(np.abs(tiled)))
     fig = Figure(figsize=(17, 9.5), layout="constrained")
     ax_k, ax_n = fig.subplots(1, 2, width_ratios=[1.45, 1])
     step = k + 1
     ticks = np.arange(0, n_in, 4)
-    im = ax_k.imshow(mosaic, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+    im = ax_k.imshow(tiled, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
     ax_k.set_facecolor("0.35")  # the NaN gaps between kernels
     ax_k.set_xticks(ticks * step + (k - 1) / 2, ticks)
     ax_k.set_yticks(np.arange(0, n_out, 4) * step + (k - 1) / 2, np.arange(0, n_out, 4))
