@@ -124,7 +124,7 @@ def autocast_dtype(device: torch.device, mode: str = "auto") -> torch.dtype | No
     # no AMX exposed, and the bf16 kernels are the slower ones here: fp32 took 7.6 s
     # per plain epoch against 10.2 s under bf16 autocast (BN: 9.1 against 11.8 s). On a GPU
     # fp32 lets the step replay as CUDA graphs (training_forward), which autocast here does not:
-    # H100, 0.41 s per plain epoch against 0.89 s with bf16. "bf16" / "fp16" select autocast.
+    # H100, 0.46 s per plain epoch against 0.81 s with bf16. "bf16" / "fp16" select autocast.
     return None
 
 
@@ -133,8 +133,9 @@ def fold_bn1_enabled(device: torch.device, mode: str = "auto") -> bool:
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"fold_bn1 must be auto, on or off, got {mode!r}")
     # Measured (make bench, report/bench*.json): on this CPU the fold skips BN's memory-bound
-    # passes over conv1's 32 x 28 x 28 maps (a BN epoch 11.1 -> 9.1 s); on an H100, where this net
-    # is bound by kernel launches, its dozen small kernels cost more than cuDNN's BN (0.47 -> 0.55 s).
+    # passes over conv1's 32 x 28 x 28 maps (a BN epoch 11.1 -> 9.1 s). On an H100, where this net
+    # is bound by kernel launches, it gains nothing that stands out of the run-to-run noise
+    # (bench_cuda.json: 0.52 s per BN epoch without, 0.49 s with), so a GPU keeps cuDNN's BN.
     return mode == "on" or (mode == "auto" and device.type == "cpu")
 
 
