@@ -9,12 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mnistlab import train as mnistlab_train
 from mnistlab.data import validation_split
 from mnistlab.model import MnistCNN
 from mnistlab.train import (
     TrainConfig,
     autocast_dtype,
     confusion_matrix,
+    cuda_graph_forward,
     evaluate,
     fold_bn1_enabled,
     make_optimizer,
@@ -177,6 +179,32 @@ def test_training_forward_on_a_cpu_is_the_eager_pool_first_forward():
     x = torch.rand(8, 1, 28, 28)
     forward = training_forward(model, TrainConfig(variant="bn"), torch.device("cpu"), x)
     assert torch.equal(forward(x), twin.forward_pool_first(x))  # cuda_graphs is ignored here
+
+
+def test_failed_graph_capture_falls_back_to_eager_and_restores_the_model(monkeypatch):
+    # A capture that raises (as one did in a fresh notebook kernel on an H200) must not stop
+    # training: a warning, the BN statistics the warm-up passes touched put back, None returned.
+    def failing_capture(module, sample_args):
+        module(*sample_args)  # a warm-up pass in training mode moves the BN running statistics
+        raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(mnistlab_train, "_warm_capture_stream", lambda module, sample: None)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", failing_capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    model = MnistCNN("bn").train()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.warns(UserWarning, match="capture failed, training eagerly"):
+        assert cuda_graph_forward(model, False, torch.rand(4, 1, 28, 28)) is None
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_training_forward_without_graphs_is_the_eager_forward(monkeypatch):
+    monkeypatch.setattr(mnistlab_train, "cuda_graph_forward", lambda *args: None)
+    model = MnistCNN("plain").train()
+    x = torch.rand(4, 1, 28, 28)
+    forward = training_forward(model, TrainConfig(fold_bn1="off"), torch.device("cuda"), x)
+    assert torch.equal(forward(x), model.forward_pool_first(x))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

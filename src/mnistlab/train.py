@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -160,14 +161,43 @@ def cuda_graph_forward(
     weights of a graphed and an eager copy differ no more than those of two eager copies do
     (cuDNN's run-to-run rounding); tests/test_train.py repeats the check where CUDA exists.
     Capturing runs a few warm-up passes in training mode; the BN running statistics they
-    touch are put back, so the capture changes nothing in the model.
+    touch are put back, so the capture changes nothing in the model. Returns None, with a
+    warning, where the capture fails: the caller then trains eagerly.
     """
     saved = {name: b.clone() for name, b in model.named_buffers()}
-    graphed = torch.cuda.make_graphed_callables(_PoolFirst(model, fold_bn1), (sample,))
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            b.copy_(saved[name])
+    module = _PoolFirst(model, fold_bn1)
+    try:
+        _warm_capture_stream(module, sample)
+        graphed = torch.cuda.make_graphed_callables(module, (sample,))
+    except RuntimeError as error:  # torch.AcceleratorError is a RuntimeError
+        torch.cuda.synchronize()
+        warnings.warn(f"CUDA graph capture failed, training eagerly instead: {error}", stacklevel=2)
+        graphed = None
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(saved[name])
     return graphed
+
+
+def _warm_capture_stream(module: nn.Module, sample: torch.Tensor) -> None:
+    """One forward and backward pass of `module` on the stream torch.cuda.graph captures on.
+
+    Before torch 2.12, make_graphed_callables warms up on one stream and captures on another
+    (torch.cuda.graph's default capture stream). cuBLAS sets a stream's workspace up lazily,
+    on its first use there, and that setup is not allowed during a capture: with torch 2.11
+    on an H200 the capture failed in fc1 when run first in a fresh notebook kernel. A pass on
+    the capture stream beforehand does that setup outside the capture.
+    """
+    torch.cuda.graph(torch.cuda.CUDAGraph())  # creates the default capture stream if missing
+    stream = getattr(torch.cuda.graph, "default_capture_stream", None)
+    if stream is None:
+        return
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        params = [p for p in module.parameters() if p.requires_grad]
+        torch.autograd.grad(module(sample).sum(), params)
+    torch.cuda.current_stream().wait_stream(stream)
 
 
 def training_forward(
@@ -181,6 +211,8 @@ def training_forward(
     if not use_graphs or autocast_dtype(device, config.mixed_precision) is not None:
         return eager
     graphed = cuda_graph_forward(model, fold_bn1, sample)
+    if graphed is None:
+        return eager
     return lambda x: graphed(x) if x.shape == sample.shape else eager(x)
 
 
