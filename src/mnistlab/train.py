@@ -184,10 +184,12 @@ def _warm_capture_stream(module: nn.Module, sample: torch.Tensor) -> None:
     """One forward and backward pass of `module` on the stream torch.cuda.graph captures on.
 
     Before torch 2.12, make_graphed_callables warms up on one stream and captures on another
-    (torch.cuda.graph's default capture stream). cuBLAS sets a stream's workspace up lazily,
-    on its first use there, and that setup is not allowed during a capture: with torch 2.11
-    on an H200 the capture failed in fc1 when run first in a fresh notebook kernel. A pass on
-    the capture stream beforehand does that setup outside the capture.
+    (torch.cuda.graph's default capture stream), so the capture is the first work on that
+    stream. With torch 2.11 on an H200 such a capture failed in fc1, the first cuBLAS call,
+    in a fresh notebook kernel (it did not recur in a plain process). The likely cause is the
+    lazy per-stream setup of the BLAS handle, which is not allowed during a capture (torch 2.12
+    warms up on the capture stream for that reason on ROCm). This pass does any such setup
+    outside the capture; with it the notebooks ran through on the H200.
     """
     torch.cuda.graph(torch.cuda.CUDAGraph())  # creates the default capture stream if missing
     stream = getattr(torch.cuda.graph, "default_capture_stream", None)
