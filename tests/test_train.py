@@ -190,7 +190,6 @@ def test_failed_graph_capture_falls_back_to_eager_and_restores_the_model(monkeyp
 
     monkeypatch.setattr(mnistlab_train, "_warm_capture_stream", lambda module, sample: None)
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", failing_capture)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     model = MnistCNN("bn").train()
     before = copy.deepcopy(model.state_dict())
     with pytest.warns(UserWarning, match="capture failed, training eagerly"):

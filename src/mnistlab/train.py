@@ -170,7 +170,6 @@ def cuda_graph_forward(
         _warm_capture_stream(module, sample)
         graphed = torch.cuda.make_graphed_callables(module, (sample,))
     except RuntimeError as error:  # torch.AcceleratorError is a RuntimeError
-        torch.cuda.synchronize()
         warnings.warn(f"CUDA graph capture failed, training eagerly instead: {error}", stacklevel=2)
         graphed = None
     finally:
