@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export MNIST_DIR
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: report quick-report test test-fast lint format bench zip clean help
+.PHONY: report quick-report test test-fast lint format bench zip colab-links clean help
 
 help:
 	@echo "make report          run every notebook on the real data, write report/ (~15 min on a 2-core CPU)"
@@ -17,6 +17,8 @@ help:
 	@echo "make lint / format   ruff check / ruff format"
 	@echo "make bench           training-throughput benchmark, writes report/bench.json"
 	@echo "make zip ROLLNO=...  PA2_<ROLLNO>.zip with the report and the code"
+	@echo "make colab-links     point the Colab badges and install cells at pyproject's Repository"
+	@echo "                     (REMOTE=origin: take it from that git remote; BRANCH=...: the branch)"
 	@echo "MNIST_DIR=/path/to/MNIST/raw selects local IDX files (raw or .gz)"
 
 $(STAMP): requirements.txt pyproject.toml
@@ -51,6 +53,10 @@ bench: $(STAMP)
 zip: $(STAMP)
 	@test -n "$(ROLLNO)" || { echo "usage: make zip ROLLNO=<your roll number>"; exit 2; }
 	$(PY) -m mnistlab.submission PA2_$(ROLLNO).zip
+
+# Badges, install cells and run-time lines from pyproject.toml (and report/metrics_h200.json).
+colab-links: $(STAMP)
+	$(PY) -m mnistlab.colab $(if $(REMOTE),--remote $(REMOTE)) $(if $(BRANCH),--branch $(BRANCH))
 
 clean:
 	rm -rf build checkpoints .pytest_cache PA2_*.zip
