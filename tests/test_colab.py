@@ -1,4 +1,4 @@
-"""The Colab path: the README badges, install cells, run-time lines and pyproject agree."""
+"""The Colab path: the README badges, install cells, run-time lines and pyproject agree; the device line."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 
-from mnistlab import colab
+from mnistlab import colab, train
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -179,3 +180,25 @@ def test_run_time_lines_follow_the_gpu_report(linked_copy):
     assert colab.main(["--root", str(root)]) == 0
     assert disagreements(root) == []
     assert "20.6 min on a GPU" in (root / "notebooks" / "02_visualization.ipynb").read_text()
+
+
+def test_device_line_names_the_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    assert train.describe_device() == "GPU: Tesla T4"
+
+
+def test_device_line_tells_a_colab_user_how_to_get_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    assert train.describe_device() == "CPU: this will be slow"
+    monkeypatch.setitem(sys.modules, "google.colab", object())
+    assert train.describe_device() == "CPU: this will be slow; Runtime > Change runtime type > GPU"
+
+
+def test_every_notebook_prints_the_device_first():
+    for path in colab.notebooks(ROOT):
+        code = [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+        setup = next(i for i, s in enumerate(code) if "from mnistlab" in s)
+        assert "print(describe_device())" in code[setup], path.name
+        assert not any("describe_device" in s for s in code[:setup]), path.name

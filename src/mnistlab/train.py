@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -220,6 +221,15 @@ def training_forward(
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def describe_device() -> str:
+    """One line for the top of a notebook: the GPU that trains, or a warning and Colab's fix."""
+    if torch.cuda.is_available():
+        return f"GPU: {torch.cuda.get_device_name()}"
+    # A Colab runtime starts on a CPU unless a GPU is asked for; elsewhere the menu does not exist.
+    fix = "; Runtime > Change runtime type > GPU" if "google.colab" in sys.modules else ""
+    return f"CPU: this will be slow{fix}"
 
 
 def random_affine(
