@@ -124,6 +124,24 @@ def test_offline_without_data_says_how_to_set_mnist_dir(tmp_path, monkeypatch):
         load_mnist(allow_download=False)
 
 
+def test_mnist_is_downloaded_once_per_runtime(tmp_path, monkeypatch, fake_mnist):
+    import mnistlab.data
+
+    downloads = []
+
+    def fake_download(root):  # what torchvision leaves behind: root/MNIST/raw
+        downloads.append(root)
+        return fake_mnist(root / "MNIST" / "raw")
+
+    monkeypatch.delenv("MNIST_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)  # Colab's working folder: ./data outlives a notebook, not a runtime
+    monkeypatch.setattr(mnistlab.data, "download", fake_download)
+    first, second = load_mnist(), load_mnist()
+    assert len(downloads) == 1
+    assert first.source == second.source == str(tmp_path / "data" / "MNIST" / "raw")
+    assert torch.equal(first.train_images, second.train_images)
+
+
 def test_validation_split_is_fixed_disjoint_and_complete(mnist):
     a, b = validation_split(mnist), validation_split(mnist)
     assert torch.equal(a.val_indices, b.val_indices)
