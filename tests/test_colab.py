@@ -1,13 +1,15 @@
-"""The Colab path: the README badges, install cells, run-time lines and pyproject agree; the device line."""
+"""The Colab path: badges, install cells and pyproject agree, and notebooks run as in a fresh runtime."""
 
 from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -202,3 +204,158 @@ def test_every_notebook_prints_the_device_first():
         setup = next(i for i, s in enumerate(code) if "from mnistlab" in s)
         assert "print(describe_device())" in code[setup], path.name
         assert not any("describe_device" in s for s in code[:setup]), path.name
+
+
+# --- A Colab runtime, as far as one can be built offline ---------------------------------------
+
+STANDIN = (
+    '"""Stand-in for Colab\'s module: a Colab kernel has imported google.colab when it starts."""\n'
+)
+
+
+def fresh_runtime(folder: Path) -> Path:
+    """A new virtual environment without mnistlab, whose interpreter imports google.colab at start.
+
+    Colab's torch is preinstalled: here the project environment's packages (torch, papermill,
+    ipykernel, ...) are made visible by a plain path line in a .pth file. Such a line adds the
+    folder to sys.path without processing the .pth files inside it, so the editable install of
+    mnistlab there stays invisible. Returns the interpreter.
+    """
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
+    python = folder / "bin" / "python"
+    site = Path(
+        subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
+    (site / "google" / "colab").mkdir(parents=True)  # a namespace package: no google/__init__.py
+    (site / "google" / "colab" / "__init__.py").write_text(STANDIN)
+    # An `import` line in a .pth runs at interpreter start, like Colab's kernel importing the module.
+    (site / "colab_standin.pth").write_text("import google.colab\n")
+    (site / "preinstalled.pth").write_text(f"{Path(torch.__file__).parents[1]}\n")
+    return python
+
+
+def source_copy(folder: Path) -> Path:
+    """This checkout's package as pip sees it (pyproject, README, src), without build leftovers."""
+    folder.mkdir()
+    for name in ["pyproject.toml", "README.md"]:
+        shutil.copy(ROOT / name, folder / name)
+    shutil.copytree(
+        ROOT / "src", folder / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__")
+    )
+    return folder
+
+
+def colab_env(install_from: Path, mnist_dir: Path, jupyter: Path) -> dict[str, str]:
+    """The kernel's environment: the install cell pointed at `install_from`, pip kept offline."""
+    leaks = (
+        "MNISTLAB_",
+        "PIP_",
+        "JUPYTER",
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "PYTHONUSERBASE",
+        "VIRTUAL_ENV",
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(leaks)}
+    return env | {
+        colab.INSTALL_ENV: str(install_from),
+        "MNIST_DIR": str(mnist_dir),  # Colab downloads MNIST; this machine has no internet
+        "JUPYTER_DATA_DIR": str(jupyter),  # no user-level kernel specs: the kernel is `python`'s
+        # Offline pip, no config files, no wheel folders: every dependency must resolve from what
+        # the runtime already has, or the install fails. PIP_NO_BUILD_ISOLATION=0 means
+        # --no-build-isolation (pip's inverted *_NO_* variables), so setuptools is not fetched.
+        "PIP_NO_INDEX": "1",
+        "PIP_CONFIG_FILE": os.devnull,
+        "PIP_NO_BUILD_ISOLATION": "0",
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+    }
+
+
+PROBE = "import sys, mnistlab\nprint('PROBE', sys.executable, mnistlab.__file__)"
+
+
+def run_like_colab(name: str, workdir: Path, mnist_dir: Path) -> tuple[nbformat.NotebookNode, Path]:
+    """Execute notebooks/<name> in quick mode in a fresh runtime whose working folder is `workdir`.
+
+    Returns the executed notebook and the runtime's interpreter.
+    """
+    python = fresh_runtime(workdir / "venv")
+    env = colab_env(source_copy(workdir / "source"), mnist_dir, workdir / "jupyter")
+    imports = subprocess.run(
+        [python, "-c", "import mnistlab"], env=env, capture_output=True, text=True
+    )
+    assert "No module named 'mnistlab'" in imports.stderr, (
+        "mnistlab must come from the install cell"
+    )
+    subprocess.run([python, "-c", "import google.colab, torch, papermill"], env=env, check=True)
+
+    # A last cell, run after the notebook's own, says which interpreter and which mnistlab ran.
+    nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(PROBE))
+    source = workdir / name
+    nbformat.write(nb, source)
+    content = workdir / "content"  # Colab's working folder: ./data, ./checkpoints, ./report
+    content.mkdir()
+    executed = workdir / f"executed_{name}"
+    run = subprocess.run(
+        [python, "-m", "papermill", source, executed, "-p", "quick", "True", "--cwd", content],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-5000:]
+    return nbformat.read(executed, as_version=4), python
+
+
+def outputs(nb: nbformat.NotebookNode) -> list[dict]:
+    """Every output of every code cell."""
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+
+
+def stdout(cell) -> str:
+    """What a cell printed."""
+    return "".join(o.get("text", "") for o in cell.outputs if o.get("name") == "stdout")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["01_classification.ipynb", "02_visualization.ipynb"])
+def test_notebook_runs_in_a_fresh_colab_runtime(name, tmp_path, mnist_dir):
+    start = time.perf_counter()
+    nb, python = run_like_colab(name, tmp_path, mnist_dir)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+
+    # The install cell ran (google.colab was imported) and installed this checkout.
+    assert stdout(code[0]).startswith(f"Installing mnistlab from {tmp_path / 'source'}\n")
+    probe = stdout(code[-1]).split()
+    assert probe[0] == "PROBE" and Path(probe[1]) == python  # the kernel is the runtime's python
+    installed = Path(probe[2])
+    assert installed.is_relative_to(tmp_path / "venv"), installed  # not the editable checkout
+    assert not list(installed.parents[1].glob("torch*")), "pip must not install torch over Colab's"
+
+    # The device line comes first, with Colab's hint on a CPU.
+    setup = next(c for c in code if "print(describe_device())" in c.source)
+    gpu = torch.cuda.is_available()
+    expected = f"GPU: {torch.cuda.get_device_name()}" if gpu else "CPU: this will be slow; Runtime"
+    assert stdout(setup).startswith(expected)
+
+    # A fresh runtime has no checkpoint: 02 trains the model it needs.
+    if name.startswith("02"):
+        assert "best.pt not found: training" in "".join(stdout(c) for c in code)
+        assert (tmp_path / "content" / "checkpoints" / "best.pt").is_file()
+
+    # Figures are shown as images, never as a Figure's text representation.
+    images = [o for o in outputs(nb) if "image/png" in o.get("data", {})]
+    assert images, f"{name} shows no figure"
+    as_text = [
+        o["data"]["text/plain"]
+        for o in outputs(nb)
+        if "image/png" not in o.get("data", {})
+        and str(o.get("data", {}).get("text/plain", "")).startswith("<Figure size")
+    ]
+    assert as_text == [], f"{name} prints figures as text: {as_text}"
+    print(f"{name}: {time.perf_counter() - start:.0f} s in a fresh runtime, {len(images)} figures")
