@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.figure import Figure
@@ -16,7 +15,8 @@ def training_curves(
     runs: dict[str, list[dict[str, float]]], highlight: str | None = None
 ) -> Figure:
     """Training error, validation error and validation accuracy against epochs, one line per run."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig = Figure(figsize=(15, 4.2))
+    axes = fig.subplots(1, 3)
     panels = [
         ("train_error", "training error (running, augmented batches)", True),
         ("val_error", "validation error (5,000 held-out training images)", True),
@@ -45,7 +45,8 @@ def prediction_grid(
 ) -> Figure:
     """Test images with true and predicted class and confidence; mistakes framed in red."""
     rows = int(np.ceil(len(images) / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows))
+    fig = Figure(figsize=(1.6 * columns, 1.9 * rows))
+    axes = fig.subplots(rows, columns)
     for ax in np.atleast_1d(axes).ravel():
         ax.axis("off")
     for k, ax in enumerate(np.atleast_1d(axes).ravel()[: len(images)]):
@@ -68,7 +69,8 @@ def prediction_grid(
 
 def confusion_matrix_figure(matrix: torch.Tensor) -> Figure:
     """The 10 x 10 confusion matrix (rows: true class, columns: predicted), off-diagonal counts shown."""
-    fig, ax = plt.subplots(figsize=(6.2, 5.4))
+    fig = Figure(figsize=(6.2, 5.4))
+    ax = fig.subplots()
     m = matrix.cpu().numpy()
     off = m.copy()
     np.fill_diagonal(off, 0)
@@ -101,7 +103,8 @@ def seed_comparison(
     accuracies: dict[str, Sequence[float]], seconds: dict[str, Sequence[float]]
 ) -> Figure:
     """Per-seed test accuracy and seconds per epoch of each variant, with the mean marked."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    axes = fig.subplots(1, 2)
     for ax, values, label in (
         (axes[0], accuracies, "test accuracy (%)"),
         (axes[1], seconds, "seconds per epoch"),
