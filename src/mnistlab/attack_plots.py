@@ -195,3 +195,27 @@ def plot_norm_comparison(
     fig.suptitle("(c) size of the perturbation: the assignment's noise against targeted PGD")
     fig.tight_layout()
     return fig
+
+
+def plot_success_vs_radius(
+    radii: Sequence[float], successes: dict[str, Sequence[int]], pairs: int
+) -> matplotlib.figure.Figure:
+    """Targets reached (out of `pairs`) against the L-infinity radius, one line per attack.
+
+    The radius is on the [0, 1] scale; a second axis on top gives it in grey levels.
+    """
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    for (name, counts), marker in zip(successes.items(), "osd^v", strict=False):
+        ax.plot(radii, counts, marker=marker, label=name)
+    ax.set_xlabel("L-infinity radius of the noise ([0, 1] scale)")
+    ax.set_ylabel(f"targets reached (of {pairs})")
+    ax.set_ylim(-0.3, pairs + 0.3)
+    ax.set_yticks(range(0, pairs + 1, max(1, pairs // 5)))
+    top = ax.secondary_xaxis("top", functions=(lambda r: 255 * r, lambda g: g / 255))
+    top.set_xlabel("grey levels (0..255)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("(c) the noise within an L-infinity budget", fontsize=10)
+    fig.tight_layout()
+    return fig

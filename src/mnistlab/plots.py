@@ -18,17 +18,26 @@ def training_curves(
     fig = Figure(figsize=(15, 4.2))
     axes = fig.subplots(1, 3)
     panels = [
-        ("train_error", "training error (running, augmented batches)", True),
-        ("val_error", "validation error (5,000 held-out training images)", True),
-        ("val_accuracy", "validation (prediction) accuracy", False),
+        ("train_error", "training error (running, augmented batches)", "error rate (log scale)"),
+        (
+            "val_error",
+            "validation error (5,000 held-out training images)",
+            "error rate (log scale)",
+        ),
+        ("val_accuracy", "validation (prediction) accuracy", "accuracy"),
     ]
-    for ax, (key, title, log) in zip(axes, panels, strict=True):
+    for ax, (key, title, ylabel) in zip(axes, panels, strict=True):
         for name, history in runs.items():
             epochs = [h["epoch"] for h in history]
             values = [h[key] for h in history]
             style = {"lw": 2.2, "zorder": 3} if name == highlight else {"lw": 1.0, "alpha": 0.7}
             ax.plot(epochs, values, marker=".", label=name, **style)
-        ax.set(title=title, xlabel="epoch", yscale="log" if log else "linear")
+        ax.set(
+            title=title,
+            xlabel="epoch",
+            ylabel=ylabel,
+            yscale="log" if "log" in ylabel else "linear",
+        )
         ax.grid(alpha=0.3, which="both")
     axes[2].set_ylim(0.98, 1.0)
     axes[0].legend(fontsize=8, ncol=2)
@@ -141,4 +150,7 @@ def layer_table_markdown(rows: Sequence[LayerRow]) -> str:
         shape_in = " x ".join(map(str, r.input_shape))
         shape_out = " x ".join(map(str, r.output_shape))
         lines.append(f"| {r.name} | {r.kind} | {shape_in} | {shape_out} | {r.params:,} |")
+    # The network returns logits; the softmax is applied by the loss and by `predict`, never twice.
+    classes = " x ".join(map(str, rows[-1].output_shape))
+    lines.append(f"| softmax | in the loss and in `predict` | {classes} | {classes} | 0 |")
     return "\n".join(lines)
