@@ -382,3 +382,23 @@ def test_beta_by_judge_on_a_hand_built_sweep():
     sweep.append(row(50.0, 10, 9))
     assert attacks.choose_beta_by_judge(sweep) == (50.0, True)
     assert attacks.choose_beta_by_judge([row(1.0, 3, 9), row(2.0, 5, 0)]) == (2.0, False)
+
+
+def test_b_with_a_stop_rule_freezes_each_row_once_its_target_is_reached():
+    model = linear_model(scale=30.0)
+    images = digit_like()
+    targets = (TARGETS + 3) % 10  # none of them the class the model reads at the start
+    beta, step = 10.0, 0.002
+    stopped = targeted_attack(model, images, targets, images, beta, step, 300, stop_at=CONFIDENT)
+    assert stopped.reached.all()
+    assert 0 < stopped.steps.max() < 300
+    for i in range(10):
+        k, row = int(stopped.steps[i]), slice(i, i + 1)
+        if k == 0:
+            continue
+        before = targeted_attack(model, images[row], targets[row], images[row], beta, step, k - 1)
+        assert before.confidence.item() < CONFIDENT
+        at_k = targeted_attack(model, images[row], targets[row], images[row], beta, step, k)
+        torch.testing.assert_close(stopped.images[i], at_k.images[0])
+    free = targeted_attack(model, images, targets, images, beta, step, 5)
+    assert torch.equal(free.steps, torch.full((10,), 5))

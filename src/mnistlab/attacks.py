@@ -96,10 +96,16 @@ def _image_ascent(
     step_size: float,
     iterations: int,
     penalty: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    stop_at: float | None = None,
 ) -> AttackResult:
-    """x <- clamp(x + step_size * dC/dx, 0, 1) for C = logits[target] - penalty(x), per row."""
+    """x <- clamp(x + step_size * dC/dx, 0, 1) for C = logits[target] - penalty(x), per row.
+
+    With `stop_at`, a row stops (its image is frozen) once softmax(target) >= stop_at, as in (c).
+    """
     _check_batch(start, targets)
     x = start.detach().clone()
+    active = torch.ones_like(targets, dtype=torch.bool)
+    steps = torch.zeros_like(targets)
     costs = []
     with frozen_eval(model):
         for i in range(iterations + 1):
@@ -107,11 +113,13 @@ def _image_ascent(
             score, logits = _target_logits(model, x, targets)
             cost = score - penalty(x) if penalty is not None else score
             costs.append(cost.detach())
-            if i == iterations:
+            if stop_at is not None:
+                active &= logits.detach().softmax(1).gather(1, targets[:, None])[:, 0] < stop_at
+            if i == iterations or not active.any():
                 break
             (grad,) = torch.autograd.grad(cost.sum(), x)  # rows are independent: sum = per row
-            x = (x.detach() + step_size * grad).clamp_(0.0, 1.0)
-    steps = torch.full_like(targets, iterations)
+            x = (x.detach() + step_size * grad * active.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+            steps += active.long()
     return AttackResult(x.detach(), targets, torch.stack(costs), logits.detach().softmax(1), steps)
 
 
@@ -144,20 +152,29 @@ def targeted_attack(
     beta: float | torch.Tensor,
     step_size: float,
     iterations: int,
+    stop_at: float | None = None,
 ) -> AttackResult:
     """(b) Targeted attack: gradient ascent on C = logits[target] - beta * mse(x, target_image).
 
     The MSE is the mean over the 784 pixels on the [0, 1] scale (`mse_per_image`), so beta is
     measured in logits per unit of mean squared pixel error; `beta = 0` is attack (a). `beta` may
     be one value per row (shape (N,)), so a whole sweep of beta runs as one batch.
-    The fixed step is stable for the MSE term while step_size * 2 * beta / 784 < 2.
+    The fixed step is stable for the MSE term while step_size * 2 * beta / 784 < 2. With
+    `stop_at`, each row stops once softmax(target) >= stop_at (for a start that is already close,
+    such as the target image itself, so the picture changes no more than it must).
     """
     _check_batch(target_images, targets)
     goal = target_images.detach()
     if isinstance(beta, torch.Tensor):
         beta = beta.detach().to(goal)
     return _image_ascent(
-        model, start, targets, step_size, iterations, lambda x: beta * mse_per_image(x, goal)
+        model,
+        start,
+        targets,
+        step_size,
+        iterations,
+        lambda x: beta * mse_per_image(x, goal),
+        stop_at,
     )
 
 
@@ -171,6 +188,7 @@ def beta_sweep(
     iterations: int,
     judge: nn.Module | None = None,
     image_digits: torch.Tensor | None = None,
+    stop_at: float | None = None,
 ) -> tuple[list[dict[str, float]], list[AttackResult]]:
     """(b) once per beta: targets reached, mean confidence, mean MSE to the target image and start.
 
@@ -179,12 +197,15 @@ def beta_sweep(
     With a `judge` (an independently trained network) and the digit each target image shows
     (`image_digits`), each row also counts how often the judge reads the result as the target
     class (`judge_reads_target`) or as the target image's digit (`judge_reads_image_digit`).
+    `stop_at` is passed to `targeted_attack`.
     """
     if (judge is None) != (image_digits is None):
         raise ValueError("pass both judge and image_digits, or neither")
     rows, results = [], []
     for beta in betas:
-        result = targeted_attack(model, start, targets, target_images, beta, step_size, iterations)
+        result = targeted_attack(
+            model, start, targets, target_images, beta, step_size, iterations, stop_at
+        )
         mse_target = mse_per_image(result.images, target_images)
         mse_start = mse_per_image(result.images, start)
         row = {
