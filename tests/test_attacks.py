@@ -327,3 +327,78 @@ def test_bad_shapes_are_refused():
     with pytest.raises(ValueError):
         pgd_minimal_radius(model, torch.zeros(10, 1, 28, 28), TARGETS, [0.1], norm="L1")
     assert attacks.NUM_CLASSES == 10
+
+
+def test_c_in_an_linf_ball_never_leaves_it_and_matches_the_unbounded_run_inside_it():
+    model = linear_model(scale=30.0)
+    images = digit_like()
+    free = noise_attack(model, images, TARGETS, max_iterations=40, confidence=1.1)
+    for radius in (0.05, 0.2):
+        bounded = noise_attack(model, images, TARGETS, 40, confidence=1.1, max_linf=radius)
+        assert bounded.noise.abs().max() <= radius + 1e-6
+        assert bounded.images.min() >= 0.0 and bounded.images.max() <= 1.0
+    assert free.noise.abs().max() > 0.2  # so the bound above did bind
+    # While no pixel has reached the bound the two runs take the same steps.
+    first = noise_attack(model, images, TARGETS, 1, confidence=1.1)
+    inside = noise_attack(model, images, TARGETS, 1, confidence=1.1, max_linf=1.0)
+    torch.testing.assert_close(inside.noise, first.noise)
+    with pytest.raises(ValueError):
+        noise_attack(model, images, TARGETS, 1, max_linf=0.0)
+
+
+def test_beta_in_grey_levels_leaves_the_cost_unchanged():
+    # The same picture on both scales: logits are equal (the model takes [0, 1] pixels), so
+    # beta_01 * mse_01 must equal beta_255 * mse_255.
+    x, y = digit_like(seed=1), digit_like(seed=2)
+    beta = 251.0
+    mse_01 = mse_per_image(x, y)
+    mse_255 = mse_per_image(255 * x, 255 * y)
+    torch.testing.assert_close(beta * mse_01, attacks.beta_in_grey_levels(beta) * mse_255)
+    assert attacks.beta_in_grey_levels(65025.0) == pytest.approx(1.0)
+
+
+def test_beta_sweep_counts_what_a_judge_reads():
+    model, judge = cnn("plain", seed=3), cnn("plain", seed=4)
+    start, goal = gaussian_start(10, 0.1, seed=5), digit_like(seed=6)
+    digits = (TARGETS + 1) % 10
+    rows, results = attacks.beta_sweep(
+        model, start, TARGETS, goal, [0.0, 50.0], 0.05, 4, judge=judge, image_digits=digits
+    )
+    for row, result in zip(rows, results, strict=True):
+        read = judge(result.images).argmax(1)
+        assert row["judge_reads_target"] == int((read == TARGETS).sum())
+        assert row["judge_reads_image_digit"] == int((read == digits).sum())
+        assert row["beta_grey_levels"] == pytest.approx(row["beta"] / 255**2)
+    with pytest.raises(ValueError):
+        attacks.beta_sweep(model, start, TARGETS, goal, [0.0], 0.05, 1, judge=judge)
+
+
+def test_beta_by_judge_on_a_hand_built_sweep():
+    def row(beta, success, digit):
+        return {"beta": beta, "success": success, "judge_reads_image_digit": digit}
+
+    sweep = [row(0.0, 10, 0), row(10.0, 10, 6), row(30.0, 10, 6), row(100.0, 7, 10)]
+    assert attacks.choose_beta_by_judge(sweep) == (30.0, False)  # 6 < 8: not good enough
+    sweep.append(row(50.0, 10, 9))
+    assert attacks.choose_beta_by_judge(sweep) == (50.0, True)
+    assert attacks.choose_beta_by_judge([row(1.0, 3, 9), row(2.0, 5, 0)]) == (2.0, False)
+
+
+def test_b_with_a_stop_rule_freezes_each_row_once_its_target_is_reached():
+    model = linear_model(scale=30.0)
+    images = digit_like()
+    targets = (TARGETS + 3) % 10  # none of them the class the model reads at the start
+    beta, step = 10.0, 0.002
+    stopped = targeted_attack(model, images, targets, images, beta, step, 300, stop_at=CONFIDENT)
+    assert stopped.reached.all()
+    assert 0 < stopped.steps.max() < 300
+    for i in range(10):
+        k, row = int(stopped.steps[i]), slice(i, i + 1)
+        if k == 0:
+            continue
+        before = targeted_attack(model, images[row], targets[row], images[row], beta, step, k - 1)
+        assert before.confidence.item() < CONFIDENT
+        at_k = targeted_attack(model, images[row], targets[row], images[row], beta, step, k)
+        torch.testing.assert_close(stopped.images[i], at_k.images[0])
+    free = targeted_attack(model, images, targets, images, beta, step, 5)
+    assert torch.equal(free.steps, torch.full((10,), 5))

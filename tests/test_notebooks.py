@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from mnistlab.report import main as make_report
+from mnistlab.results import FIGURE_KEY
 
 NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
@@ -22,14 +24,72 @@ def quick_report(tmp_path_factory, mnist_dir):
     return out
 
 
+def shown_figures(notebook: dict) -> tuple[list[str], list[str]]:
+    """The figure names of a notebook's image outputs, and the figures it printed as text."""
+    shown, as_text = [], []
+    for cell in notebook["cells"]:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if "image/png" in data:
+                shown.append(output.get("metadata", {}).get(FIGURE_KEY, "<unnamed image>"))
+            elif "".join(data.get("text/plain", "")).startswith("<Figure size"):
+                as_text.append("".join(data["text/plain"]))
+    return shown, as_text
+
+
+def figure_problems(report: Path) -> list[str]:
+    """What a reader would miss: figures printed as text, saved figures not shown, and the reverse."""
+    problems, shown_anywhere = [], []
+    for executed in sorted((report / "notebooks").glob("*.ipynb")):
+        shown, as_text = shown_figures(json.loads(executed.read_text()))
+        problems += [f"{executed.name}: a figure printed as text: {text}" for text in as_text]
+        html = (report / f"{executed.stem}.html").read_text()
+        # Each image output becomes one <img> with the PNG inline in the HTML page.
+        if len(re.findall(r'<img [^>]*src="data:image/png', html)) != len(shown):
+            problems.append(f"{executed.stem}.html does not embed its {len(shown)} images")
+        shown_anywhere += shown
+    saved = sorted(p.stem for p in (report / "figures").glob("*.png"))
+    problems += [f"saved but never shown: {name}" for name in saved if name not in shown_anywhere]
+    problems += [f"shown but not saved: {name}" for name in shown_anywhere if name not in saved]
+    problems += [
+        f"shown twice: {n}" for n in sorted(set(shown_anywhere)) if shown_anywhere.count(n) > 1
+    ]
+    return problems
+
+
 @pytest.mark.slow
 def test_every_notebook_executes_and_is_written_as_html(quick_report):
     assert NOTEBOOKS, "no notebooks found"
     for nb in NOTEBOOKS:
         assert (quick_report / "notebooks" / nb.name).is_file()
         html = (quick_report / f"{nb.stem}.html").read_text()
-        assert "<img" in html or "image/png" in html  # figures are embedded, not linked
         assert "Traceback" not in html
+
+
+@pytest.mark.slow
+def test_every_figure_a_notebook_makes_is_shown_as_an_image(quick_report):
+    assert figure_problems(quick_report) == []
+    for executed in (quick_report / "notebooks").glob("*.ipynb"):
+        shown, _ = shown_figures(json.loads(executed.read_text()))
+        assert shown, f"{executed.name} shows no figure"
+
+
+def test_the_figure_check_catches_a_figure_printed_as_text(tmp_path):
+    """The failure mode it guards: a Figure displayed where no inline hook renders it."""
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "part9_curve.png").write_bytes(b"png")
+    text = {
+        "output_type": "display_data",
+        "metadata": {},
+        "data": {"text/plain": "<Figure size 640x480 with 1 Axes>"},
+    }
+    notebook = {"cells": [{"cell_type": "code", "outputs": [text]}]}
+    (tmp_path / "notebooks" / "09_x.ipynb").write_text(json.dumps(notebook))
+    (tmp_path / "09_x.html").write_text("<style>url(data:image/png;base64,AAAA)</style>")
+    problems = figure_problems(tmp_path)
+    assert any("printed as text" in p for p in problems)
+    assert "saved but never shown: part9_curve" in problems
 
 
 @pytest.mark.slow

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import matplotlib
 import matplotlib.figure
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
 
 
 def _pixels(image: torch.Tensor) -> np.ndarray:
@@ -20,7 +21,8 @@ def plot_image_row(
 ) -> matplotlib.figure.Figure:
     """Images in [0, 1] on a grid (grey scale, 0 black, 1 white) with a title each and a colour bar."""
     rows = -(-len(images) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.5 * rows), squeeze=False)
+    fig = Figure(figsize=(2.1 * columns, 2.5 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, title in zip(axes.flat, images, titles, strict=False):
@@ -36,9 +38,10 @@ def plot_cost_curves(
     costs: torch.Tensor, targets: torch.Tensor, title: str
 ) -> matplotlib.figure.Figure:
     """Cost C against iteration, one line per target class (costs: iterations + 1 by N)."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     steps = np.arange(len(costs))
-    cmap = plt.get_cmap("tab10")
+    cmap = matplotlib.colormaps["tab10"]
     for j, target in enumerate(targets.tolist()):
         ax.plot(steps, costs[:, j].cpu().numpy(), color=cmap(target % 10), label=f"{target}")
     ax.set_xlabel("iteration (gradient-ascent steps)")
@@ -57,7 +60,8 @@ def plot_beta_sweep(
     betas = np.array([row["beta"] for row in sweep], dtype=float)
     positive = betas[betas > 0]
     linthresh = positive.min() if len(positive) else 1.0
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig = Figure(figsize=(13, 3.6))
+    axes = fig.subplots(1, 3)
     axes[0].plot(betas, [row["success"] for row in sweep], "o-")
     axes[0].set_ylabel("targets reached (of 10)")
     axes[0].set_ylim(-0.5, 10.5)
@@ -92,7 +96,8 @@ def plot_noise_attack(
 ) -> matplotlib.figure.Figure:
     """Three rows: the original images, the noises (diverging colours, 0 white) and x + noise."""
     n = len(noises)
-    fig, axes = plt.subplots(3, n, figsize=(1.75 * n, 6.6), squeeze=False)
+    fig = Figure(figsize=(1.75 * n, 6.6))
+    axes = fig.subplots(3, n, squeeze=False)
     bound = float(noises.abs().max()) or 1.0
     norm = TwoSlopeNorm(vmin=-bound, vcenter=0.0, vmax=bound)
     for j in range(n):
@@ -131,7 +136,8 @@ def plot_transfer_table(
     the noise's target, red where it changes to another class.
     """
     n_img, n_noise = predicted.shape
-    fig, axes = plt.subplots(n_img, n_noise + 1, figsize=(1.2 * (n_noise + 1), 1.35 * n_img))
+    fig = Figure(figsize=(1.2 * (n_noise + 1), 1.35 * n_img))
+    axes = fig.subplots(n_img, n_noise + 1)
     for i in range(n_img):
         axes[i, 0].imshow(_pixels(images[i]), cmap="gray", vmin=0, vmax=1)
         axes[i, 0].set_title(f"true {int(labels[i])} pred {int(clean[i])}", fontsize=6)
@@ -173,7 +179,8 @@ def plot_norm_comparison(
     `reference` and `reference_names` are keyed "l2" and "linf"; NaN bars (no success) are empty.
     """
     x = np.arange(len(pair_labels))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    fig = Figure(figsize=(12, 3.8))
+    axes = fig.subplots(1, 2)
     for ax, key, name in zip(axes, ("l2", "linf"), ("L2", "L-infinity"), strict=True):
         ax.bar(x - 0.2, assignment[key].cpu().numpy(), 0.4, label="assignment's noise (c)")
         ax.bar(x + 0.2, reference[key].cpu().numpy(), 0.4, label=reference_names[key])
@@ -186,5 +193,29 @@ def plot_norm_comparison(
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, ncol=2, loc="upper center")
     fig.suptitle("(c) size of the perturbation: the assignment's noise against targeted PGD")
+    fig.tight_layout()
+    return fig
+
+
+def plot_success_vs_radius(
+    radii: Sequence[float], successes: dict[str, Sequence[int]], pairs: int
+) -> matplotlib.figure.Figure:
+    """Targets reached (out of `pairs`) against the L-infinity radius, one line per attack.
+
+    The radius is on the [0, 1] scale; a second axis on top gives it in grey levels.
+    """
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    for (name, counts), marker in zip(successes.items(), "osd^v", strict=False):
+        ax.plot(radii, counts, marker=marker, label=name)
+    ax.set_xlabel("L-infinity radius of the noise ([0, 1] scale)")
+    ax.set_ylabel(f"targets reached (of {pairs})")
+    ax.set_ylim(-0.3, pairs + 0.3)
+    ax.set_yticks(range(0, pairs + 1, max(1, pairs // 5)))
+    top = ax.secondary_xaxis("top", functions=(lambda r: 255 * r, lambda g: g / 255))
+    top.set_xlabel("grey levels (0..255)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("(c) the noise within an L-infinity budget", fontsize=10)
     fig.tight_layout()
     return fig

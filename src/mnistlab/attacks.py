@@ -96,10 +96,16 @@ def _image_ascent(
     step_size: float,
     iterations: int,
     penalty: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    stop_at: float | None = None,
 ) -> AttackResult:
-    """x <- clamp(x + step_size * dC/dx, 0, 1) for C = logits[target] - penalty(x), per row."""
+    """x <- clamp(x + step_size * dC/dx, 0, 1) for C = logits[target] - penalty(x), per row.
+
+    With `stop_at`, a row stops (its image is frozen) once softmax(target) >= stop_at, as in (c).
+    """
     _check_batch(start, targets)
     x = start.detach().clone()
+    active = torch.ones_like(targets, dtype=torch.bool)
+    steps = torch.zeros_like(targets)
     costs = []
     with frozen_eval(model):
         for i in range(iterations + 1):
@@ -107,11 +113,13 @@ def _image_ascent(
             score, logits = _target_logits(model, x, targets)
             cost = score - penalty(x) if penalty is not None else score
             costs.append(cost.detach())
-            if i == iterations:
+            if stop_at is not None:
+                active &= logits.detach().softmax(1).gather(1, targets[:, None])[:, 0] < stop_at
+            if i == iterations or not active.any():
                 break
             (grad,) = torch.autograd.grad(cost.sum(), x)  # rows are independent: sum = per row
-            x = (x.detach() + step_size * grad).clamp_(0.0, 1.0)
-    steps = torch.full_like(targets, iterations)
+            x = (x.detach() + step_size * grad * active.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+            steps += active.long()
     return AttackResult(x.detach(), targets, torch.stack(costs), logits.detach().softmax(1), steps)
 
 
@@ -144,20 +152,29 @@ def targeted_attack(
     beta: float | torch.Tensor,
     step_size: float,
     iterations: int,
+    stop_at: float | None = None,
 ) -> AttackResult:
     """(b) Targeted attack: gradient ascent on C = logits[target] - beta * mse(x, target_image).
 
     The MSE is the mean over the 784 pixels on the [0, 1] scale (`mse_per_image`), so beta is
     measured in logits per unit of mean squared pixel error; `beta = 0` is attack (a). `beta` may
     be one value per row (shape (N,)), so a whole sweep of beta runs as one batch.
-    The fixed step is stable for the MSE term while step_size * 2 * beta / 784 < 2.
+    The fixed step is stable for the MSE term while step_size * 2 * beta / 784 < 2. With
+    `stop_at`, each row stops once softmax(target) >= stop_at (for a start that is already close,
+    such as the target image itself, so the picture changes no more than it must).
     """
     _check_batch(target_images, targets)
     goal = target_images.detach()
     if isinstance(beta, torch.Tensor):
         beta = beta.detach().to(goal)
     return _image_ascent(
-        model, start, targets, step_size, iterations, lambda x: beta * mse_per_image(x, goal)
+        model,
+        start,
+        targets,
+        step_size,
+        iterations,
+        lambda x: beta * mse_per_image(x, goal),
+        stop_at,
     )
 
 
@@ -169,29 +186,54 @@ def beta_sweep(
     betas: Sequence[float],
     step_size: float,
     iterations: int,
+    judge: nn.Module | None = None,
+    image_digits: torch.Tensor | None = None,
+    stop_at: float | None = None,
 ) -> tuple[list[dict[str, float]], list[AttackResult]]:
     """(b) once per beta: targets reached, mean confidence, mean MSE to the target image and start.
 
     Each row of the returned table also counts the images closer to their target image than to
-    their starting noise (`closer_to_target`); the attacks themselves come back in the same order.
+    their starting point (`closer_to_target`); the attacks themselves come back in the same order.
+    With a `judge` (an independently trained network) and the digit each target image shows
+    (`image_digits`), each row also counts how often the judge reads the result as the target
+    class (`judge_reads_target`) or as the target image's digit (`judge_reads_image_digit`).
+    `stop_at` is passed to `targeted_attack`.
     """
+    if (judge is None) != (image_digits is None):
+        raise ValueError("pass both judge and image_digits, or neither")
     rows, results = [], []
     for beta in betas:
-        result = targeted_attack(model, start, targets, target_images, beta, step_size, iterations)
+        result = targeted_attack(
+            model, start, targets, target_images, beta, step_size, iterations, stop_at
+        )
         mse_target = mse_per_image(result.images, target_images)
         mse_start = mse_per_image(result.images, start)
-        rows.append(
-            {
-                "beta": float(beta),
-                "success": int(result.reached.sum()),
-                "mean_confidence": result.confidence.mean().item(),
-                "mean_mse": mse_target.mean().item(),
-                "mean_mse_start": mse_start.mean().item(),
-                "closer_to_target": int((mse_target < mse_start).sum()),
-            }
-        )
+        row = {
+            "beta": float(beta),
+            "beta_grey_levels": beta_in_grey_levels(beta),
+            "success": int(result.reached.sum()),
+            "mean_confidence": result.confidence.mean().item(),
+            "mean_mse": mse_target.mean().item(),
+            "mean_mse_start": mse_start.mean().item(),
+            "closer_to_target": int((mse_target < mse_start).sum()),
+        }
+        if judge is not None:
+            with torch.no_grad(), frozen_eval(judge):
+                read = judge(result.images).argmax(1)
+            row["judge_reads_target"] = int((read == targets).sum())
+            row["judge_reads_image_digit"] = int((read == image_digits).sum())
+        rows.append(row)
         results.append(result)
     return rows, results
+
+
+def beta_in_grey_levels(beta: float) -> float:
+    """The same beta for the assignment's 0..255 pixels: its MSE is 255^2 times ours, so beta / 255^2.
+
+    C = logits[target] - beta * mse must be the same number on either scale, and the logits are
+    (the network normalises inside), so beta_255 * 255^2 * mse_01 = beta_01 * mse_01.
+    """
+    return float(beta) * GREY_LEVEL**2
 
 
 def refine_betas(
@@ -223,12 +265,28 @@ def choose_beta(rows: Sequence[dict[str, float]], n_targets: int = 10) -> tuple[
     return best["beta"], False
 
 
+def choose_beta_by_judge(
+    rows: Sequence[dict[str, float]], n_targets: int = 10, needed: int = 8
+) -> tuple[float, bool]:
+    """(b) from the target image: the beta whose pictures the judge reads most as the image's digit.
+
+    Among the betas at which every target is reached (the attacked network reads the target class
+    with confidence >= CONFIDENT), the one with the most `judge_reads_image_digit`, then the
+    largest beta; (beta, True) when the judge reads the image's digit in at least `needed` of them.
+    Where no beta reaches every target: the most targets reached, then the judge, then the beta.
+    """
+    ranked = max(rows, key=lambda r: (r["success"], r["judge_reads_image_digit"], r["beta"]))
+    ok = ranked["success"] == n_targets and ranked["judge_reads_image_digit"] >= needed
+    return ranked["beta"], ok
+
+
 def noise_attack(
     model: nn.Module,
     images: torch.Tensor,
     targets: torch.Tensor,
     max_iterations: int,
     confidence: float = CONFIDENT,
+    max_linf: float | None = None,
 ) -> AttackResult:
     """(c) Additive noise: ascend C = logits[target] of x + noise w.r.t. the noise, from zero.
 
@@ -240,8 +298,13 @@ def noise_attack(
     After each step x + noise is clamped to [0, 1] (noise = clamp(x + noise) - x).
     Stop criterion: a row stops (its noise is frozen) as soon as softmax(target) >= `confidence`,
     or after `max_iterations` steps; rows that are already there take no step.
+    The assignment bounds nothing, so a noise may grow to the full pixel range; with `max_linf`
+    the same update is followed by clipping the noise to [-max_linf, max_linf] (the L-infinity
+    ball of that radius, [0, 1] scale), which asks how far the procedure gets within a budget.
     """
     _check_batch(images, targets)
+    if max_linf is not None and max_linf <= 0:
+        raise ValueError(f"max_linf must be positive, got {max_linf}")
     x = images.detach()
     noise = torch.zeros_like(x)
     active = torch.ones_like(targets, dtype=torch.bool)
@@ -259,7 +322,10 @@ def noise_attack(
             (d,) = torch.autograd.grad(cost.sum(), noise)
             alpha = GREY_LEVEL / (d.flatten(1).std(1) + STD_EPS)
             step = alpha.view(-1, 1, 1, 1) * d * active.view(-1, 1, 1, 1)
-            noise = (x + noise.detach() + step).clamp_(0.0, 1.0) - x
+            noise = noise.detach() + step
+            if max_linf is not None:
+                noise = noise.clamp(-max_linf, max_linf)
+            noise = (x + noise).clamp_(0.0, 1.0) - x  # clamping x + noise only shrinks |noise|
             steps += active.long()
     noise = noise.detach()
     final = x + noise

@@ -28,6 +28,7 @@ from typing import Any
 import matplotlib.figure
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -587,9 +588,8 @@ def plot_accuracy_vs_eps(rows: dict[str, dict[str, Any]]) -> matplotlib.figure.F
     Rows flagged `masked` (an attack blinded by the defence's zero gradient) are drawn grey and
     dotted: they show gradient masking, not robustness.
     """
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig = Figure(figsize=(7.5, 4.8))
+    ax = fig.subplots()
     colors = iter(f"C{i}" for i in range(10))
     for name, r in rows.items():
         masked = r.get("masked", False)
@@ -639,13 +639,10 @@ def plot_image_rows(
 
     Titles flagged in `highlight` are drawn red (e.g. a wrong prediction).
     """
-    import matplotlib.pyplot as plt
-
     n_rows = len(rows)
     n_cols = max(len(images) for images, _, _ in rows.values())
-    fig, axes = plt.subplots(
-        n_rows, n_cols, figsize=(1.25 * n_cols + 1.6, 1.45 * n_rows + 0.5), squeeze=False
-    )
+    fig = Figure(figsize=(1.25 * n_cols + 1.6, 1.45 * n_rows + 0.5))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for r, (label, (images, titles, highlight)) in enumerate(rows.items()):
         for c in range(n_cols):
             ax = axes[r, c]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.figure import Figure
@@ -16,19 +15,29 @@ def training_curves(
     runs: dict[str, list[dict[str, float]]], highlight: str | None = None
 ) -> Figure:
     """Training error, validation error and validation accuracy against epochs, one line per run."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig = Figure(figsize=(15, 4.2))
+    axes = fig.subplots(1, 3)
     panels = [
-        ("train_error", "training error (running, augmented batches)", True),
-        ("val_error", "validation error (5,000 held-out training images)", True),
-        ("val_accuracy", "validation (prediction) accuracy", False),
+        ("train_error", "training error (running, augmented batches)", "error rate (log scale)"),
+        (
+            "val_error",
+            "validation error (5,000 held-out training images)",
+            "error rate (log scale)",
+        ),
+        ("val_accuracy", "validation (prediction) accuracy", "accuracy"),
     ]
-    for ax, (key, title, log) in zip(axes, panels, strict=True):
+    for ax, (key, title, ylabel) in zip(axes, panels, strict=True):
         for name, history in runs.items():
             epochs = [h["epoch"] for h in history]
             values = [h[key] for h in history]
             style = {"lw": 2.2, "zorder": 3} if name == highlight else {"lw": 1.0, "alpha": 0.7}
             ax.plot(epochs, values, marker=".", label=name, **style)
-        ax.set(title=title, xlabel="epoch", yscale="log" if log else "linear")
+        ax.set(
+            title=title,
+            xlabel="epoch",
+            ylabel=ylabel,
+            yscale="log" if "log" in ylabel else "linear",
+        )
         ax.grid(alpha=0.3, which="both")
     axes[2].set_ylim(0.98, 1.0)
     axes[0].legend(fontsize=8, ncol=2)
@@ -45,7 +54,8 @@ def prediction_grid(
 ) -> Figure:
     """Test images with true and predicted class and confidence; mistakes framed in red."""
     rows = int(np.ceil(len(images) / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows))
+    fig = Figure(figsize=(1.6 * columns, 1.9 * rows))
+    axes = fig.subplots(rows, columns)
     for ax in np.atleast_1d(axes).ravel():
         ax.axis("off")
     for k, ax in enumerate(np.atleast_1d(axes).ravel()[: len(images)]):
@@ -68,7 +78,8 @@ def prediction_grid(
 
 def confusion_matrix_figure(matrix: torch.Tensor) -> Figure:
     """The 10 x 10 confusion matrix (rows: true class, columns: predicted), off-diagonal counts shown."""
-    fig, ax = plt.subplots(figsize=(6.2, 5.4))
+    fig = Figure(figsize=(6.2, 5.4))
+    ax = fig.subplots()
     m = matrix.cpu().numpy()
     off = m.copy()
     np.fill_diagonal(off, 0)
@@ -101,7 +112,8 @@ def seed_comparison(
     accuracies: dict[str, Sequence[float]], seconds: dict[str, Sequence[float]]
 ) -> Figure:
     """Per-seed test accuracy and seconds per epoch of each variant, with the mean marked."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    axes = fig.subplots(1, 2)
     for ax, values, label in (
         (axes[0], accuracies, "test accuracy (%)"),
         (axes[1], seconds, "seconds per epoch"),
@@ -138,4 +150,7 @@ def layer_table_markdown(rows: Sequence[LayerRow]) -> str:
         shape_in = " x ".join(map(str, r.input_shape))
         shape_out = " x ".join(map(str, r.output_shape))
         lines.append(f"| {r.name} | {r.kind} | {shape_in} | {shape_out} | {r.params:,} |")
+    # The network returns logits; the softmax is applied by the loss and by `predict`, never twice.
+    classes = " x ".join(map(str, rows[-1].output_shape))
+    lines.append(f"| softmax | in the loss and in `predict` | {classes} | {classes} | 0 |")
     return "\n".join(lines)

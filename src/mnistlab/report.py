@@ -28,7 +28,7 @@ README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def run_notebook(source: Path, executed: Path, parameters: dict[str, Any]) -> float:
-    """Execute one notebook with papermill; return its wall time in seconds."""
+    """Execute one notebook with papermill, from the working directory; return its wall time."""
     import papermill
 
     start = time.perf_counter()
@@ -38,9 +38,17 @@ def run_notebook(source: Path, executed: Path, parameters: dict[str, Any]) -> fl
         parameters=parameters,
         kernel_name="python3",
         progress_bar=False,
-        cwd=str(source.parent),
+        cwd=os.getcwd(),
     )
     return time.perf_counter() - start
+
+
+def relative_to_cwd(path: Path) -> str:
+    """`path` relative to the working directory when it lies inside it, else absolute."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path.resolve())
 
 
 def to_html(executed: Path, target: Path) -> None:
@@ -115,7 +123,10 @@ def results_table(m: dict[str, Any]) -> str:
             f"{mean_std(c.get('plain', {}).get('seconds_per_epoch'), 1, ' s')} / "
             f"{mean_std(c.get('bn', {}).get('seconds_per_epoch'), 1, ' s')}",
         ),
-        ("Test accuracy after one epoch", pct(c.get("first_epoch_test_accuracy"))),
+        (
+            "Test accuracy after one epoch" + one_epoch_recipe(c.get("first_epoch_config")),
+            pct(c.get("first_epoch_test_accuracy")),
+        ),
     ]
     if v:
         rows.append(
@@ -153,6 +164,17 @@ def results_table(m: dict[str, Any]) -> str:
             )
         )
     return "| result | value |\n|---|---|\n" + "\n".join(f"| {k} | {val} |" for k, val in rows)
+
+
+def one_epoch_recipe(config: dict[str, Any] | None) -> str:
+    """' (bn, batch 32, peak lr 0.04, one-cycle)': which run the one-epoch row measured."""
+    if not config:
+        return ""
+    shifts = f"{config['max_shift']}-px shifts" if config["max_shift"] else "no augmentation"
+    return (
+        f" ({config['variant']}, batch {config['batch_size']}, peak lr {config['lr']:g}, "
+        f"one-cycle, {shifts})"
+    )
 
 
 def gemm_note(gemm: dict[str, float] | None) -> str:
@@ -350,11 +372,13 @@ def main(argv: list[str] | None = None) -> int:
     report_dir(out)
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
 
+    # The notebooks run from the repository root, so folders inside it are recorded relative
+    # to it (the executed notebooks name no machine's paths); MNIST_DIR reaches them through the
+    # environment, which their `mnist_dir = None` default reads.
     parameters = {
         "quick": args.quick,
-        "report_dir": str(out),
-        "checkpoint_dir": str(checkpoints),
-        "mnist_dir": os.environ.get("MNIST_DIR") or None,
+        "report_dir": relative_to_cwd(out),
+        "checkpoint_dir": relative_to_cwd(checkpoints),
         "progress": False,
     }
     import torch
@@ -369,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     for source in sources:
         executed = out / "notebooks" / source.name
         print(f"running {source.name} ...", flush=True)
-        seconds[source.stem] = run_notebook(source, executed, parameters)
+        seconds[source.stem] = run_notebook(source.resolve(), executed, parameters)
         to_html(executed, out / f"{source.stem}.html")
         print(f"  done in {seconds[source.stem]:.0f} s", flush=True)
     total = time.perf_counter() - start

@@ -13,6 +13,7 @@ from typing import Any
 import matplotlib.figure
 
 REPORT_DIR_ENV = "MNISTLAB_REPORT_DIR"
+FIGURE_KEY = "mnistlab_figure"  # output metadata naming the figure file an image shows
 
 
 def report_dir(path: str | Path | None = None) -> Path:
@@ -22,10 +23,20 @@ def report_dir(path: str | Path | None = None) -> Path:
     return folder
 
 
-def save_figure(fig: matplotlib.figure.Figure, name: str, folder: str | Path | None = None) -> Path:
-    """Save `fig` as report/figures/<name>.png (150 dpi) and return the path."""
+def show_figure(fig: matplotlib.figure.Figure, name: str, folder: str | Path | None = None) -> Path:
+    """Save `fig` as report/figures/<name>.png (150 dpi) and show that PNG in the notebook.
+
+    The one way every notebook shows a figure. It displays the saved PNG itself, not the Figure
+    object: a Figure built without pyplot prints as text ("<Figure size ...>") in a kernel where
+    matplotlib's inline display hooks are not installed, as under papermill, while a PNG shows in
+    Jupyter, Colab and the HTML report alike, and is exactly the file the report links.
+    """
     path = report_dir(folder) / "figures" / f"{name}.png"
     fig.savefig(path, dpi=150, bbox_inches="tight")
+    from IPython.display import Image, display
+
+    # The name travels in the output's metadata, so a test can match shown images to saved files.
+    display(Image(data=path.read_bytes(), format="png"), metadata={FIGURE_KEY: name})
     return path
 
 
