@@ -103,12 +103,12 @@ def set_source(pyproject: str, repository: str, branch: str | None = None) -> st
 
 def remote_url(root: Path, remote: str) -> str:
     """`git remote get-url <remote>` in root."""
-    return subprocess.run(
-        ["git", "-C", str(root), "remote", "get-url", remote],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    git = subprocess.run(
+        ["git", "-C", str(root), "remote", "get-url", remote], capture_output=True, text=True
+    )
+    if git.returncode != 0:
+        raise ValueError(f"git remote {remote!r}: {git.stderr.strip()}")
+    return git.stdout.strip()
 
 
 def install_cell(source: Source) -> str:
@@ -209,17 +209,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="change nothing; fail if out of date")
     args = parser.parse_args(argv)
 
-    root = args.root
+    try:
+        return update(args.root, args.remote, args.branch, args.check)
+    except ValueError as err:
+        print(f"make colab-links: {err}", file=sys.stderr)
+        return 2
+
+
+def update(root: Path, remote: str | None, branch: str | None, check: bool) -> int:
+    """main() after parsing: 0 when up to date or rewritten, 1 when --check finds stale files."""
     pyproject = root / "pyproject.toml"
-    if args.remote or args.branch:
+    if remote or branch:
         repository = (
-            github_https(remote_url(root, args.remote))
-            if args.remote
-            else read_source(root).repository
+            github_https(remote_url(root, remote)) if remote else read_source(root).repository
         )
         text = pyproject.read_text(encoding="utf-8")
-        new = set_source(text, repository, args.branch)
-        if args.check and new != text:
+        new = set_source(text, repository, branch)
+        if check and new != text:
             print(f"{pyproject} does not name {repository}", file=sys.stderr)
             return 1
         if new != text:
@@ -228,10 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     for path, text in render(root).items():
         if path.read_text(encoding="utf-8") != text:
             stale.append(path)
-            if not args.check:
+            if not check:
                 path.write_text(text, encoding="utf-8")
     source = read_source(root)
-    if args.check:
+    if check:
         for path in stale:
             print(f"{path} is out of date: run `make colab-links`", file=sys.stderr)
         return 1 if stale else 0
