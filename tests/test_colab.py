@@ -15,6 +15,7 @@ from pathlib import Path
 import nbformat
 import pytest
 import torch
+from test_notebooks import shown_figures  # the report's test of what a reader sees
 
 from mnistlab import colab, train
 
@@ -153,6 +154,19 @@ def test_a_fork_points_everything_at_itself_and_only_those_lines_change(linked_c
         ], path.name
 
 
+def test_a_remote_colab_cannot_open_changes_nothing(linked_copy, capsys):
+    root = linked_copy
+    before = (root / "pyproject.toml").read_text()
+    subprocess.run(
+        ["git", "-C", str(root), "remote", "add", "origin", "/home/student/fork"], check=True
+    )
+    assert colab.main(["--root", str(root), "--remote", "origin"]) == 2
+    assert colab.main(["--root", str(root), "--remote", "upstream"]) == 2
+    assert "not a GitHub repository URL" in capsys.readouterr().err
+    assert (root / "pyproject.toml").read_text() == before
+    assert disagreements(root) == []
+
+
 def test_an_edited_badge_or_install_cell_is_caught(linked_copy):
     root = linked_copy
     readme = root / "README.md"
@@ -204,6 +218,13 @@ def test_every_notebook_prints_the_device_first():
         setup = next(i for i, s in enumerate(code) if "from mnistlab" in s)
         assert "print(describe_device())" in code[setup], path.name
         assert not any("describe_device" in s for s in code[:setup]), path.name
+
+
+def test_progress_bars_are_notebook_friendly():
+    """tqdm.auto draws one updating widget in Colab and Jupyter; plain tqdm prints line after line."""
+    for path in sorted((ROOT / "src" / "mnistlab").glob("*.py")):
+        plain = re.findall(r"^\s*(?:from tqdm import|import tqdm\b).*", path.read_text(), re.M)
+        assert plain == [], f"{path.name}: use `from tqdm.auto import tqdm`"
 
 
 # --- A Colab runtime, as far as one can be built offline ---------------------------------------
@@ -312,11 +333,6 @@ def run_like_colab(name: str, workdir: Path, mnist_dir: Path) -> tuple[nbformat.
     return nbformat.read(executed, as_version=4), python
 
 
-def outputs(nb: nbformat.NotebookNode) -> list[dict]:
-    """Every output of every code cell."""
-    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-
-
 def stdout(cell) -> str:
     """What a cell printed."""
     return "".join(o.get("text", "") for o in cell.outputs if o.get("name") == "stdout")
@@ -348,14 +364,10 @@ def test_notebook_runs_in_a_fresh_colab_runtime(name, tmp_path, mnist_dir):
         assert "best.pt not found: training" in "".join(stdout(c) for c in code)
         assert (tmp_path / "content" / "checkpoints" / "best.pt").is_file()
 
-    # Figures are shown as images, never as a Figure's text representation.
-    images = [o for o in outputs(nb) if "image/png" in o.get("data", {})]
-    assert images, f"{name} shows no figure"
-    as_text = [
-        o["data"]["text/plain"]
-        for o in outputs(nb)
-        if "image/png" not in o.get("data", {})
-        and str(o.get("data", {}).get("text/plain", "")).startswith("<Figure size")
-    ]
-    assert as_text == [], f"{name} prints figures as text: {as_text}"
-    print(f"{name}: {time.perf_counter() - start:.0f} s in a fresh runtime, {len(images)} figures")
+    # Figures are shown as images, never as a Figure's text representation: each one saved.
+    shown, as_text = shown_figures(nb)
+    assert shown, f"{name} shows no figure"
+    assert as_text == [], f"{name} prints figures as text"
+    saved = sorted(p.stem for p in (tmp_path / "content" / "report" / "figures").glob("*.png"))
+    assert sorted(shown) == saved
+    print(f"{name}: {time.perf_counter() - start:.0f} s in a fresh runtime, {len(shown)} figures")
