@@ -215,7 +215,7 @@ def test_quick_mode_metrics_still_make_a_document(built):
     doc = build_document(built["out"], metrics)
     assert any("not meaningful" in value for _, value in doc.facts)
     bn = next(s for s in doc.sections if s.key == "1.6")
-    assert "too few seeds to judge" in " ".join(bn.paragraphs)
+    assert "Too few seeds to judge" in " ".join(bn.paragraphs)
 
 
 def test_typst_escape_shows_any_text_literally(tmp_path):

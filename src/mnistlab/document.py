@@ -100,6 +100,8 @@ FIGURES: dict[str, list[str]] = {
     "A": [],
 }
 
+VARIANTS = {"plain": "plain", "bn": "batch-norm"}  # how metrics.json's variant names read
+
 PARTS = {
     "1": "Part 1: MNIST classification using CNN",
     "2": "Part 2: Visualizing Convolutional Neural Network",
@@ -220,7 +222,7 @@ def of_ten(reached: int | list[bool], total: int | None = None) -> str:
 def welch_verdict(t: float | None, positive: str, negative: str, none: str) -> str:
     """Read a Welch t statistic the way notebook 01 does: |t| < 2 is within run-to-run noise."""
     if t is None:
-        return "too few seeds to judge"
+        return "Too few seeds to judge"
     if abs(t) < 2:
         return none
     return positive if t > 0 else negative
@@ -254,7 +256,8 @@ def section_1_1(m: dict[str, Any]) -> Section:
             f"{pct(need(best, 'val_accuracy'))}). The {need(config, 'epochs')}-epoch study gives "
             f"{mean_sd(need(c, 'plain', 'test_accuracy'))} for the plain network and "
             f"{mean_sd(need(c, 'bn', 'test_accuracy'))} with batch norm (mean ± sd over seeds). "
-            f"After a single epoch (the {need(first, 'variant')} network, batch "
+            f"After a single epoch (the {VARIANTS.get(need(first, 'variant'), first['variant'])} "
+            f"network, batch "
             f"{need(first, 'batch_size')}, {fixed(need(c, 'first_epoch_seconds'), 1)} s) the test "
             f"accuracy is already {pct(need(c, 'first_epoch_test_accuracy'))}.",
         ],
@@ -276,7 +279,7 @@ def section_1_2(m: dict[str, Any]) -> Section:
         "class label",
         [
             "Test images drawn at random (fixed seed), each titled with its test-set index, true "
-            "class, predicted class and the predicted probability; a mistake would be drawn in red.",
+            "class, predicted class and the predicted probability; mistakes are drawn in red.",
             f"Below them, the final model's mistakes on the test set and the confusion matrix of "
             f"all {count(n_test)} test images: {errors} errors, the most frequent a true {true} "
             f"read as {predicted} ({worst} times).",
@@ -361,6 +364,8 @@ def section_1_5(m: dict[str, Any]) -> Section:
     neurons = need(m, "neurons")
     per_layer = [
         f"{r['name']} {shape(r['output_shape'])} = {count(_product(r['output_shape']))}"
+        if len(r["output_shape"]) > 1
+        else f"{r['name']} {count(r['output_shape'][0])}"
         for r in need(m, "layers")
         if r["kind"] in ("Conv2d", "Linear")
     ]
@@ -424,15 +429,15 @@ def section_1_6(m: dict[str, Any]) -> Section:
     t_acc, t_time = effect.get("welch_t_accuracy"), effect.get("welch_t_time")
     accuracy = welch_verdict(
         t_acc,
-        "yes: BN improves test accuracy beyond seed noise",
-        "no: BN lowers test accuracy beyond seed noise",
-        "no: the difference is within seed-to-seed noise",
+        "Yes: BN improves test accuracy beyond seed noise",
+        "No: BN lowers test accuracy beyond seed noise",
+        "No: the difference is within seed-to-seed noise",
     )
     time = welch_verdict(
         t_time,
-        "yes: an epoch with BN is slower (its layers add normalisation passes and their backward)",
-        "yes: an epoch with BN is faster here",
-        "not beyond run-to-run noise",
+        "Yes: an epoch with BN is slower (its layers add normalisation passes and their backward)",
+        "Yes: an epoch with BN is faster here",
+        "Not beyond run-to-run noise",
     )
     early = need(effect, "val_accuracy_after_first_epoch")
     seeds = len(need(c, "seeds"))
@@ -454,12 +459,12 @@ def section_1_6(m: dict[str, Any]) -> Section:
             "each conv or fc1 and its ReLU); mean ± sd over the seeds, and Welch's t says whether "
             "a difference stands out from seed-to-seed noise (|t| ≥ 2).",
             f"**Does it improve the test accuracy?** BN changes the mean test accuracy by "
-            f"{fixed(need(effect, 'accuracy_points'), 3)} points (Welch t = {fixed(t_acc)}): "
+            f"{fixed(need(effect, 'accuracy_points'), 3)} points (Welch t = {fixed(t_acc)}). "
             f"{accuracy}. {start}: the study's mean validation accuracy is "
             f"{pct(need(final_val, 'bn'), 3)} with BN and {pct(need(final_val, 'plain'), 3)} "
             f"without, so the final model is **{need(c, 'best', 'variant')}**.",
             f"**Does it affect training time?** {time}: {fixed(_mean(c, 'bn'))} s per epoch against "
-            f"{fixed(_mean(c, 'plain'))} s ({fixed(need(effect, 'time_percent'), 0)}%, Welch t = "
+            f"{fixed(_mean(c, 'plain'))} s ({need(effect, 'time_percent'):+.0f}%, Welch t = "
             f"{fixed(t_time)}) on {need(m, 'environment', 'device')}.",
         ],
         Table(("variant", "test accuracy", "per seed", "seconds per epoch"), rows, "lrrr"),
@@ -627,8 +632,8 @@ def section_2_3(m: dict[str, Any]) -> Section:
         "Visualize the activations of the convolutional layers. What do you observe as you go "
         "deeper?",
         [
-            f"Feature maps of test digits after every layer; measured over "
-            f"{need(a, 'images')} test images (table).",
+            "Feature maps of test digits after every layer (first figure); the statistics "
+            f"(second figure, table) are measured over {need(a, 'images')} test images.",
             f"**Going deeper:** resolution falls from {shape(shapes[first][1:])} to "
             f"{shape(shapes[last][1:])} while the receptive field grows from {field_[first]} px "
             f"to {field_[last]} px, so each position summarises a larger piece of the digit. The "
@@ -700,7 +705,7 @@ def section_2_4(m: dict[str, Any]) -> Section:
             f"{need(o, 'stride')} px; each map shows the probability of the true class at every "
             "patch position (the white line traces the digit, red digits mark positions where the "
             "prediction flips).",
-            f"**How can we be certain it picks up the digit and not the background?** {verdict}: "
+            f"**Is it picking up on the main part of the digit, not the background?** {verdict}: "
             f"covering stroke lowers the true class's probability by {fixed(digit, 4)} on average "
             f"({need(o, 'positions_on_digit')} positions), covering background by "
             f"{fixed(background, 4)} ({need(o, 'positions_on_background')} positions); the "
@@ -743,7 +748,8 @@ def section_3a(m: dict[str, Any]) -> Section:
             f"scale), {need(a, 'iterations')} steps of x = x + {need(a, 'step_size')} · dC/dx with "
             "C = logits[target], one image per target class, pixels clamped to [0, 1].",
             f"**Is the network always predicting a digit with high confidence for the generated "
-            f"images?** Yes: the target is predicted with confidence ≥ {CONFIDENT} for "
+            f"images?** {'Yes' if need(a, 'success') == len(confidence) else 'Not always'}: the "
+            f"target is predicted with confidence ≥ {CONFIDENT} for "
             f"**{need(a, 'success')} of {len(confidence)}** classes (lowest confidence "
             f"{fixed(min(confidence), 4)}).",
             f"**Do the generated images look like a number? If not, why?** {look} (mean squared "
@@ -837,9 +843,10 @@ def section_3c(m: dict[str, Any]) -> Section:
             f"(median {statistics.median(steps):g}). Noise size on the [0, 1] scale: median L2 "
             f"{fixed(statistics.median(l2))} (an all-white image has {fixed(white_l2, 0)}), median L∞ "
             f"{fixed(statistics.median(linf))}: the rule follows the raw gradient with no budget "
-            "per pixel, so it changes a few pixels a lot. A targeted PGD on the same pairs needs "
-            f"{fixed(need(pgd, 'median_ratio_l2'))}× less L2 and "
-            f"{fixed(need(pgd, 'median_ratio_linf'))}× less L∞ (median ratios, last figure).",
+            "per pixel, so it changes a few pixels a lot: it is "
+            f"{fixed(need(pgd, 'median_ratio_l2'))}× (L2) and "
+            f"{fixed(need(pgd, 'median_ratio_linf'))}× (L∞) the size of a targeted PGD's on the "
+            "same pairs (median ratios, last figure).",
             f"**Sample a fixed set of 10 test examples, add the adversarial noise and classify; "
             f"repeat for all 10 noise matrices** (the 10 × 10 figure: true and predicted class "
             f"of each pair). The prediction becomes the noise's target in "
@@ -1038,9 +1045,13 @@ def section_appendix(m: dict[str, Any], report: Path) -> Section:
     total = timing.get("report_seconds")
     gemm = timing.get("fp32_gemm_gflops", {})
     lines.append(
-        (f"make report took {fixed(total / 60, 1)} min" if total else "Notebook wall times")
-        + f" on {need(env, 'device')} (torch {env.get('torch', '?')}, Python "
-        f"{env.get('python', '?')}): "
+        (
+            f"The whole make report run took {fixed(total / 60, 1)} min"
+            if total
+            else "Notebook wall times"
+        )
+        + f" on {need(env, 'device')}, torch {env.get('torch', '?')}, Python "
+        f"{env.get('python', '?')}: "
         + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in notebooks.items())
         + "."
         + (
