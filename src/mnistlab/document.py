@@ -102,6 +102,12 @@ FIGURES: dict[str, list[str]] = {
 
 VARIANTS = {"plain": "plain", "bn": "batch-norm"}  # how metrics.json's variant names read
 
+
+def variant(name: str) -> str:
+    """A network variant as the text says it: 'bn' -> 'batch-norm'."""
+    return VARIANTS.get(name, name)
+
+
 PARTS = {
     "1": "Part 1: MNIST classification using CNN",
     "2": "Part 2: Visualizing Convolutional Neural Network",
@@ -247,7 +253,8 @@ def section_1_1(m: dict[str, Any]) -> Section:
             f"and validation accuracy, recorded {need(config, 'evals_per_epoch')} times per epoch, "
             f"for every run of the batch-norm study ({len(need(c, 'seeds'))} seeds per variant, "
             f"{need(config, 'epochs')} epochs each) and for the final model "
-            f"({need(best, 'variant')}, {need(best, 'epochs')} epochs, drawn thick). Every choice "
+            f"({variant(need(best, 'variant'))}, {need(best, 'epochs')} epochs, drawn thick). Every "
+            "choice "
             "is made on a validation split carved from the training images; the test set only "
             "reports.",
             f"**Average prediction accuracy for the whole test set of {count(n_test)} images:** "
@@ -256,7 +263,7 @@ def section_1_1(m: dict[str, Any]) -> Section:
             f"{pct(need(best, 'val_accuracy'))}). The {need(config, 'epochs')}-epoch study gives "
             f"{mean_sd(need(c, 'plain', 'test_accuracy'))} for the plain network and "
             f"{mean_sd(need(c, 'bn', 'test_accuracy'))} with batch norm (mean ± sd over seeds). "
-            f"After a single epoch (the {VARIANTS.get(need(first, 'variant'), first['variant'])} "
+            f"After a single epoch (the {variant(need(first, 'variant'))} "
             f"network, batch "
             f"{need(first, 'batch_size')}, {fixed(need(c, 'first_epoch_seconds'), 1)} s) the test "
             f"accuracy is already {pct(need(c, 'first_epoch_test_accuracy'))}.",
@@ -462,7 +469,7 @@ def section_1_6(m: dict[str, Any]) -> Section:
             f"{fixed(need(effect, 'accuracy_points'), 3)} points (Welch t = {fixed(t_acc)}). "
             f"{accuracy}. {start}: the study's mean validation accuracy is "
             f"{pct(need(final_val, 'bn'), 3)} with BN and {pct(need(final_val, 'plain'), 3)} "
-            f"without, so the final model is **{need(c, 'best', 'variant')}**.",
+            f"without, so the final model is **{variant(need(c, 'best', 'variant'))}**.",
             f"**Does it affect training time?** {time}: {fixed(_mean(c, 'bn'))} s per epoch against "
             f"{fixed(_mean(c, 'plain'))} s ({need(effect, 'time_percent'):+.0f}%, Welch t = "
             f"{fixed(t_time)}) on {need(m, 'environment', 'device')}.",
@@ -1170,7 +1177,8 @@ def header_facts(m: dict[str, Any]) -> list[tuple[str, str]]:
         ),
         (
             "Final model",
-            f"{need(best, 'variant')}, {need(best, 'epochs')} epochs (recipe chosen on validation), "
+            f"{variant(need(best, 'variant'))}, {need(best, 'epochs')} epochs (recipe chosen on "
+            "validation), "
             f"used by Parts 2 and 3: test accuracy **{pct(need(best, 'test_accuracy'))}**",
         ),
         (
