@@ -574,6 +574,12 @@ def section_2_2(m: dict[str, Any]) -> Section:
             pct(need(c2, "per_filter_energy_share_of_top_10pct_inputs_chance"), 0),
         ),
         (
+            "sign coherence |Σw| / Σ|w|",
+            fixed(need(c1, "sign_coherence")),
+            fixed(need(c2, "sign_coherence")),
+            fixed(need(c2, "sign_coherence_chance")),
+        ),
+        (
             "cosine with the initial weights",
             fixed(need(drift, "conv1", "cosine_with_initial")),
             fixed(need(drift, "conv2", "cosine_with_initial")),
@@ -590,9 +596,11 @@ def section_2_2(m: dict[str, Any]) -> Section:
         "Plot filters of a higher layer. Compare it with conv1 layer filters.",
         [
             f"conv2 has {need(c2, 'kernels')} kernels, one 3×3 kernel per pair (output filter, "
-            "input map); the figure tiles them (rows: conv2 filters, columns: the conv1 maps they "
-            "read), with each kernel's norm on the right. A conv2 kernel is read against feature "
-            "maps, not pixels, so it is no longer a picture of a stroke.",
+            "input map): too many to read one by one. The figure shows the strength (L2 norm) of "
+            "every kernel as a map (rows: conv2 filters, columns: the conv1 maps they read) and, "
+            f"enlarged, the strongest input kernels of the {len(need(c2, 'strongest_reads'))} "
+            "strongest conv2 filters beside the conv1 filter each one reads. A conv2 kernel is read "
+            "against feature maps, not pixels, so it is no longer a picture of a stroke.",
             f"**Compared with conv1:** by kind, conv2's kernels are {closer} random kernels than "
             f"conv1's (their edge / blob / other mix differs from the random mix by "
             f"{pct(d2, 0)} of the kernels; conv1 {pct(d1, 0)}); they are {smoother} "
@@ -601,7 +609,12 @@ def section_2_2(m: dict[str, Any]) -> Section:
             f"maps: its strongest 10% of inputs carry "
             f"{pct(need(c2, 'per_filter_energy_share_of_top_10pct_inputs'), 0)} of its weight "
             f"energy (random weights: "
-            f"{pct(need(c2, 'per_filter_energy_share_of_top_10pct_inputs_chance'), 0)}).",
+            f"{pct(need(c2, 'per_filter_energy_share_of_top_10pct_inputs_chance'), 0)}). Their "
+            f"weights mostly share one sign (sign coherence |Σw| / Σ|w| "
+            f"{fixed(need(c2, 'sign_coherence'))} against {fixed(need(c1, 'sign_coherence'))} for "
+            f"conv1 and {fixed(need(c2, 'sign_coherence_chance'))} for random kernels): conv1 "
+            "kernels compare neighbouring pixels, conv2 kernels mostly add up one conv1 feature "
+            "over a neighbourhood, with a sign that says whether it excites or inhibits.",
         ],
         Table(("", "conv1", "conv2", "random weights"), rows, "lrrr"),
     )
@@ -699,6 +712,15 @@ def section_2_4(m: dict[str, Any]) -> Section:
         for name, r in fills
     ]
     images = need(o, "images")
+    grey = need(o, "mid_grey_patch")
+    # The same five-fold rule for the mid-grey patch, which the assignment names as its example.
+    grey_verdict = (
+        "gives the same answer"
+        if need(grey, "drop_on_digit") > 5 * max(need(grey, "drop_on_background"), 1e-6)
+        else "gives a weaker answer: a mid-grey blot is itself ink-like, so it also lowers the "
+        "probability where it lands on background"
+    )
+    scale = need(o, "colour_scale")
     return Section(
         "2.4",
         "Occluding parts of the image: the probability of the class of interest against the "
@@ -706,17 +728,25 @@ def section_2_4(m: dict[str, Any]) -> Section:
         [
             f"A {need(o, 'patch')} × {need(o, 'patch')} px patch of grey level "
             f"{fixed(need(o, 'fill'), 4)} (the mean training pixel, which the network normalises "
-            f"to 0) slides over each of {len(images)} random test images with stride "
-            f"{need(o, 'stride')} px; each map shows the probability of the true class at every "
-            "patch position (the white line traces the digit, red digits mark positions where the "
-            "prediction flips).",
+            f"to 0) slides over {len(images)} random test images, one of each class "
+            f"{', '.join(map(str, need(o, 'classes')))}, with stride {need(o, 'stride')} px; "
+            "each map shows, at every patch position, how much the patch lowers the probability "
+            "of the true class (p without patch − p with patch; second row of maps), and the "
+            "third row does the same with a mid-grey patch (grey level 128). The network is so "
+            "sure of most test digits that the drop is tiny almost everywhere, so the colour "
+            f"scale is symmetric-logarithmic ({scale['norm']}, linear within "
+            f"±{scale['linear_within']:g}): small drops show, and the largest still stand out "
+            "(the line traces the digit; digits in a map mark positions where the prediction "
+            "flips, and to which class).",
             f"**Is it picking up on the main part of the digit, not the background?** {verdict}: "
             f"covering stroke lowers the true class's probability by {fixed(digit, 4)} on average "
             f"({need(o, 'positions_on_digit')} positions), covering background by "
             f"{fixed(background, 4)} ({need(o, 'positions_on_background')} positions); the "
             f"prediction flips at {pct(need(o, 'flip_rate_on_digit'), 1)} of the stroke positions "
-            f"and {pct(need(o, 'flip_rate_on_background'), 1)} of the background ones. The other "
-            "patch colours give the same answer (table).",
+            f"and {pct(need(o, 'flip_rate_on_background'), 1)} of the background ones; the "
+            f"stroke drop is at least five times the background drop in "
+            f"{need(o, 'images_stroke_drop_5x_background')} of {len(images)} images. The "
+            f"mid-grey patch {grey_verdict} (table).",
         ],
         Table(
             (
