@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers import image_axes, seeded_model
@@ -13,7 +14,7 @@ from mnistlab.filters import (
     chance_kind_rates,
     filter_summary,
     initial_model,
-    kernel_mosaic,
+    input_energy_by_kind,
     kernel_shapes,
     kind_distance_from_chance,
     neighbour_correlation,
@@ -22,6 +23,8 @@ from mnistlab.filters import (
     plot_conv2_filters,
     plot_filter_responses,
     response_regions,
+    sign_coherence,
+    strongest_reads,
     top_energy_share,
     weight_drift,
 )
@@ -118,6 +121,8 @@ def test_filter_summary_of_a_layer_of_pure_edges():
     assert summary["mean_edge_share_chance"] == pytest.approx(4 / 9, abs=0.01)
     assert summary["mean_blob_share_chance"] == pytest.approx(3 / 9, abs=0.01)
     assert abs(summary["neighbour_correlation_chance"]) < 0.02
+    assert summary["sign_coherence"] == pytest.approx(0.0)
+    assert 0.2 < summary["sign_coherence_chance"] < 0.5
     with pytest.raises(ValueError, match="conv weights"):
         filter_summary(weight[0])
 
@@ -132,14 +137,65 @@ def test_conv1_figure_has_one_panel_per_kernel_and_one_colour_bar():
     assert len(limits) == 1 and limits.pop()[0] == -float(weight.abs().max())  # one symmetric scale
 
 
-def test_conv2_figure_tiles_all_kernels():
-    weight = seeded_model().layers.conv2.weight.detach()
-    mosaic = kernel_mosaic(weight)
-    assert mosaic.shape == (32 * 4 - 1, 32 * 4 - 1)
-    assert float(mosaic[4 * 5 + 1, 4 * 7 + 2]) == pytest.approx(float(weight[5, 7, 1, 2]))
-    fig = plot_conv2_filters(weight)
-    assert len(image_axes(fig)) == 2
-    assert len([ax for ax in fig.axes if getattr(ax, "_colorbar", None) is not None]) == 2
+def test_sign_coherence_on_known_kernels():
+    ramp = torch.tensor([-1.0, 0.0, 1.0]).view(1, 3).expand(3, 3)
+    assert sign_coherence(torch.ones(2, 1, 3, 3)) == 1.0
+    assert sign_coherence(-torch.ones(3, 3)) == 1.0
+    assert sign_coherence(ramp + 1) == 1.0  # weights 0, 1, 2: one sign, however uneven
+    assert sign_coherence(ramp) == 0.0  # an edge detector cancels
+    assert sign_coherence(torch.stack([torch.ones(3, 3), ramp])) == pytest.approx(0.5)
+
+
+def test_strongest_reads_rank_filters_then_their_inputs():
+    weight = torch.zeros(3, 5, 3, 3)
+    weight[1, 4, 0, 0], weight[1, 2, 1, 1] = 3.0, 1.0  # filter 1: energy 10, input 4 then 2
+    weight[0, 0, 2, 2], weight[0, 3, 0, 1] = 2.0, 1.5  # filter 0: energy 6.25, input 0 then 3
+    weight[2, 1, 1, 1] = 0.5
+    assert strongest_reads(weight, n_outputs=2, n_inputs=2) == [(1, [4, 2]), (0, [0, 3])]
+    assert strongest_reads(weight, n_outputs=3, n_inputs=1)[2] == (2, [1])
+
+
+def test_input_energy_by_kind_weighs_what_each_kind_of_input_receives():
+    ramp = torch.tensor([-1.0, 0.0, 1.0]).view(1, 3).expand(3, 3)
+    saddle = torch.tensor([[1.0, 0.0, -1.0], [0.0, 0.0, 0.0], [-1.0, 0.0, 1.0]])
+    inputs = kernel_shapes(torch.stack([ramp, torch.ones(3, 3), saddle, ramp]))
+    assert inputs.kinds == ["edge", "blob", "other", "edge"]
+    weight = torch.zeros(2, 4, 3, 3)
+    weight[0, 0, 1, 1] = 1.0  # edge input 0: energy 1
+    weight[1, 1, 0, :] = 1.0  # blob input 1: energy 3
+    table = input_energy_by_kind(weight, inputs)
+    assert table["edge"] == {"maps": 0.5, "energy": 0.25}
+    assert table["blob"] == {"maps": 0.25, "energy": 0.75}
+    assert table["other"] == {"maps": 0.25, "energy": 0.0}
+    with pytest.raises(ValueError, match="input kinds"):
+        input_energy_by_kind(weight[:, :3], inputs)
+
+
+def test_conv2_figure_shows_the_norms_and_the_strongest_reads_beside_their_conv1_kernels():
+    model = seeded_model()
+    w1, w2 = model.layers.conv1.weight.detach(), model.layers.conv2.weight.detach()
+    fig = plot_conv2_filters(w2, w1, n_outputs=3, n_inputs=2)
+    drawn = image_axes(fig)
+    assert len(drawn) == 1 + 3 * 2 * 2
+    heat = drawn[0]
+    # Rows are conv2 filters, columns the conv1 maps they read (the weight is not symmetric).
+    norms = w2.flatten(2).norm(dim=2)
+    assert not torch.allclose(norms, norms.T)
+    np.testing.assert_allclose(np.asarray(heat.images[0].get_array()), norms.numpy(), rtol=1e-6)
+    pairs = [(o, c) for o, inputs in strongest_reads(w2, 3, 2) for c in inputs]
+    for k, (o, c) in enumerate(pairs):
+        conv1_ax, conv2_ax = drawn[1 + 2 * k], drawn[2 + 2 * k]
+        np.testing.assert_array_equal(np.asarray(conv1_ax.images[0].get_array()), w1[c, 0])
+        np.testing.assert_array_equal(np.asarray(conv2_ax.images[0].get_array()), w2[o, c])
+        assert conv1_ax.get_title().startswith(f"conv1 #{c}\n")
+    boxes = {(round(b.get_x() + 0.5), round(b.get_y() + 0.5)) for b in heat.patches}
+    assert boxes == {(c, o) for o, c in pairs}  # the enlarged kernels are boxed on the heat map
+    # One scale per layer, each its whole range, so the enlarged kernels compare across panels.
+    limits1 = {drawn[1 + 2 * k].images[0].get_clim() for k in range(len(pairs))}
+    limits2 = {drawn[2 + 2 * k].images[0].get_clim() for k in range(len(pairs))}
+    assert limits1 == {(-float(w1.abs().max()), float(w1.abs().max()))}
+    assert limits2 == {(-float(w2.abs().max()), float(w2.abs().max()))}
+    assert len([ax for ax in fig.axes if getattr(ax, "_colorbar", None) is not None]) == 3
 
 
 def test_filter_response_figure_panel_count():

@@ -130,6 +130,7 @@ REQUIRED_KEYS = [
     "visualization.occlusion.patch",
     "visualization.occlusion.stride",
     "visualization.occlusion.images",
+    "visualization.occlusion.classes",
     "visualization.occlusion.drop_on_digit",
     "visualization.occlusion.drop_on_background",
     "visualization.activations.zero_fraction",

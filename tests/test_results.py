@@ -37,13 +37,14 @@ def test_zip_holds_report_and_code_without_caches(tmp_path, monkeypatch):
         "src/pkg/a.py",
         "src/pkg/__pycache__/a.pyc",
         "notebooks/n.ipynb",
+        "report/report.pdf",
     ):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("{}")
     (tmp_path / "README.md").write_text("r")
     n = write_zip(tmp_path / "PA2_7.zip", tmp_path)
     names = zipfile.ZipFile(tmp_path / "PA2_7.zip").namelist()
-    assert n == len(names) == 4
+    assert n == len(names) == 6  # report.pdf also at the top level
     assert "PA2_7/report/metrics.json" in names and not any("__pycache__" in x for x in names)
 
 

@@ -215,7 +215,7 @@ def plot_success_vs_radius(
     top = ax.secondary_xaxis("top", functions=(lambda r: 255 * r, lambda g: g / 255))
     top.set_xlabel("grey levels (0..255)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("(c) the noise within an L-infinity budget", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title("(c) the noise within an L-infinity budget", fontsize=10, pad=10)
     fig.tight_layout()
     return fig

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from torch import nn
 
-from .activations import TOP_FRACTION, feature_maps, mosaic
+from .activations import TOP_FRACTION, feature_maps
 from .model import MnistCNN
 from .occlusion import STROKE_THRESHOLD
 
@@ -100,6 +101,39 @@ def neighbour_correlation(weight: torch.Tensor) -> float:
     return float((pairs / w.pow(2).sum((1, 2)).clamp_min(1e-30)).mean())
 
 
+def sign_coherence(weight: torch.Tensor) -> float:
+    """How one-signed k x k kernels are: |sum of weights| / sum of |weights|, averaged over kernels
+    (1: every weight has the same sign; 0: they cancel, as in an edge detector)."""
+    w = weight.detach().double().reshape(-1, weight.shape[-2] * weight.shape[-1])
+    return float((w.sum(1).abs() / w.abs().sum(1).clamp_min(1e-30)).mean())
+
+
+def strongest_reads(
+    weight: torch.Tensor, n_outputs: int = 4, n_inputs: int = 4
+) -> list[tuple[int, list[int]]]:
+    """The `n_outputs` output filters of a conv layer with the most weight energy, strongest first,
+    each with the `n_inputs` input channels whose kernels have the largest L2 norm, strongest first."""
+    energy = weight.detach().double().pow(2).sum((-2, -1))  # (out, in)
+    outputs = energy.sum(1).argsort(descending=True)[:n_outputs].tolist()
+    return [(o, energy[o].argsort(descending=True)[:n_inputs].tolist()) for o in outputs]
+
+
+def input_energy_by_kind(weight: torch.Tensor, inputs: KernelShapes) -> dict[str, dict[str, float]]:
+    """Per kind of the input filters (e.g. conv1's): their share of the input maps and the share of
+    the layer's weight energy spent on reading them (equal shares: no preference for the kind)."""
+    per_input = weight.detach().double().pow(2).sum((0, 2, 3))  # (in,)
+    if len(inputs.kinds) != len(per_input):
+        raise ValueError(f"{len(inputs.kinds)} input kinds for {len(per_input)} input channels")
+    table = {}
+    for kind in KERNEL_KINDS:
+        members = [i for i, k in enumerate(inputs.kinds) if k == kind]
+        table[kind] = {
+            "maps": len(members) / len(per_input),
+            "energy": float(per_input[members].sum() / per_input.sum()),
+        }
+    return table
+
+
 def initial_model(config: dict[str, object]) -> MnistCNN:
     """The untrained network a run started from: `train` seeds torch with the run's seed, then
     builds the model; this repeats that without touching the global random state."""
@@ -125,8 +159,9 @@ def weight_drift(model: nn.Module, start: nn.Module) -> dict[str, dict[str, floa
 
 
 def filter_summary(weight: torch.Tensor, seed: int = 0, draws: int = 20) -> dict[str, object]:
-    """Kind counts and mean energy shares of a conv layer's (out, in, 3, 3) kernels, smoothness, and
-    how unevenly its weight energy is spread, each beside its value for i.i.d. Gaussian weights."""
+    """Kind counts and mean energy shares of a conv layer's (out, in, 3, 3) kernels, smoothness,
+    sign coherence, and how unevenly its weight energy is spread, each beside its value for i.i.d.
+    Gaussian weights."""
     if weight.dim() != 4:
         raise ValueError(f"expected conv weights (out, in, k, k), got shape {tuple(weight.shape)}")
     shapes = kernel_shapes(weight)
@@ -146,6 +181,8 @@ def filter_summary(weight: torch.Tensor, seed: int = 0, draws: int = 20) -> dict
         "mean_edge_share_chance": float(random_shapes.edge_share.mean()),  # 4/9 in expectation
         "mean_blob_share": float(shapes.blob_share.mean()),
         "mean_blob_share_chance": float(random_shapes.blob_share.mean()),  # 3/9 in expectation
+        "sign_coherence": sign_coherence(weight),
+        "sign_coherence_chance": float(np.mean([sign_coherence(r) for r in randoms])),
         "neighbour_correlation": neighbour_correlation(weight),
         "neighbour_correlation_chance": float(np.mean([neighbour_correlation(r) for r in randoms])),
         "energy_share_of_top_10pct_kernels": top_energy_share(weight),
@@ -314,35 +351,63 @@ def plot_filter_responses(
     return fig
 
 
-def kernel_mosaic(weight: torch.Tensor, gap: int = 1) -> np.ndarray:
-    """The (out, in, k, k) kernels of a conv layer tiled as one image, NaN between kernels."""
-    n_out, n_in, kh, kw = weight.shape
-    return mosaic(weight.reshape(n_out * n_in, kh, kw), n_in, gap)
-
-
-def plot_conv2_filters(weight: torch.Tensor) -> Figure:
-    """conv2's out x in grid of 3x3 kernels (symmetric scale) beside the norm of each kernel."""
-    n_out, n_in, k, _ = weight.shape
-    tiled = kernel_mosaic(weight)
-    norms = weight.detach().float().cpu().flatten(2).norm(dim=2)
-    limit = float(np.nanmax(np.abs(tiled)))
-    fig = Figure(figsize=(17, 9.5), layout="constrained")
-    ax_k, ax_n = fig.subplots(1, 2, width_ratios=[1.45, 1])
-    step = k + 1
-    ticks = np.arange(0, n_in, 4)
-    im = ax_k.imshow(tiled, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
-    ax_k.set_facecolor("0.35")  # the NaN gaps between kernels
-    ax_k.set_xticks(ticks * step + (k - 1) / 2, ticks)
-    ax_k.set_yticks(np.arange(0, n_out, 4) * step + (k - 1) / 2, np.arange(0, n_out, 4))
-    ax_k.set_xlabel("input channel (conv1 filter)")
-    ax_k.set_ylabel("output channel (conv2 filter)")
-    ax_k.set_title(f"conv2: {n_out} x {n_in} kernels of {k}x{k} (symmetric scale)")
-    fig.colorbar(im, ax=ax_k, shrink=0.8, label="weight")
-    im_n = ax_n.imshow(norms.numpy(), cmap="viridis", interpolation="nearest")
-    ax_n.set_xticks(ticks, ticks)
-    ax_n.set_yticks(np.arange(0, n_out, 4), np.arange(0, n_out, 4))
-    ax_n.set_xlabel("input channel (conv1 filter)")
-    ax_n.set_ylabel("output channel (conv2 filter)")
-    ax_n.set_title("L2 norm of each kernel: which conv1 maps each conv2 filter reads")
-    fig.colorbar(im_n, ax=ax_n, shrink=0.8, label="kernel L2 norm")
+def plot_conv2_filters(
+    weight: torch.Tensor, conv1_weight: torch.Tensor, n_outputs: int = 4, n_inputs: int = 4
+) -> Figure:
+    """conv2's kernel norms as an output x input heat map, beside its strongest filters' strongest
+    input kernels, each enlarged next to the conv1 kernel whose map it reads."""
+    w2 = weight.detach().float().cpu()
+    w1 = conv1_weight.detach().float().cpu()[:, 0]
+    n_out, n_in = w2.shape[:2]
+    norms = w2.flatten(2).norm(dim=2)
+    shapes1 = kernel_shapes(w1)
+    reads = strongest_reads(w2, n_outputs, n_inputs)
+    fig = Figure(figsize=(18, 7.2), layout="constrained")
+    left, right = fig.subfigures(1, 2, width_ratios=[1, 1.3])
+    ax = left.subplots()
+    im = ax.imshow(norms.numpy(), cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(n_in), range(n_in), fontsize=6)
+    ax.set_yticks(range(n_out), range(n_out), fontsize=6)
+    kinds = ax.secondary_xaxis("top")
+    kinds.set_xticks(range(n_in), [shapes1.kinds[c][0] for c in range(n_in)], fontsize=6)
+    kinds.set_xlabel("kind of that conv1 filter: e edge, b blob, o other", fontsize=8)
+    ax.set_xlabel("input channel = conv1 filter whose (ReLU, pooled) map is read")
+    ax.set_ylabel("output channel = conv2 filter")
+    for o, inputs in reads:
+        for c in inputs:  # the kernels enlarged on the right
+            ax.add_patch(Rectangle((c - 0.5, o - 0.5), 1, 1, fill=False, ec="red", lw=1.2))
+    left.colorbar(im, ax=ax, shrink=0.75, label="L2 norm of the 3x3 kernel")
+    ax.set_title(
+        f"conv2: how strongly each of its {n_out} filters reads each conv1 map\n"
+        "(red boxes: the kernels enlarged on the right)",
+        fontsize=10,
+    )
+    # Pairs (conv1 kernel, conv2 kernel) sit together, a narrow empty column between pairs.
+    ratios = ([1.0, 1.0, 0.35] * n_inputs)[:-1]
+    grid = right.subplots(len(reads), len(ratios), squeeze=False, width_ratios=ratios)
+    for spacer in grid[:, 2::3].flat:
+        spacer.set_axis_off()
+    axes = np.delete(grid, np.s_[2::3], axis=1)
+    limit1, limit2 = float(w1.abs().max()), float(w2.abs().max())
+    im1 = im2 = None
+    for r, (o, inputs) in enumerate(reads):
+        for q, c in enumerate(inputs):
+            a1, a2 = axes[r, 2 * q], axes[r, 2 * q + 1]
+            im1 = a1.imshow(w1[c].numpy(), cmap="PuOr_r", vmin=-limit1, vmax=limit1)
+            a1.set_title(f"conv1 #{c}\n{_kind_label(shapes1, c)}", fontsize=7)
+            im2 = a2.imshow(w2[o, c].numpy(), cmap="RdBu_r", vmin=-limit2, vmax=limit2)
+            a2.set_title(f"conv2 kernel\nsum {float(w2[o, c].sum()):+.2f}", fontsize=7)
+            for a in (a1, a2):
+                a.set_xticks([])
+                a.set_yticks([])
+        axes[r, 0].set_ylabel(f"conv2 #{o}", fontsize=9)
+    right.colorbar(im2, ax=grid, shrink=0.6, label="conv2 weight (all of conv2's range)")
+    right.colorbar(im1, ax=grid, shrink=0.6, label="conv1 weight (all of conv1's range)")
+    right.suptitle(
+        f"The {len(reads)} conv2 filters with the most weight energy (rows), each with its "
+        f"{n_inputs} strongest input kernels:\nthe conv1 kernel (orange +, purple -) whose map "
+        "it reads, then the conv2 kernel reading it (red +, blue -; sum > 0: that feature "
+        "nearby excites the filter)",
+        fontsize=9,
+    )
     return fig

@@ -1,7 +1,8 @@
 """Part 2 (c): occlusion maps: slide a patch over a digit, record the class probabilities.
 
-Every measurement runs in fp32 (autocast off), in eval mode, without gradients, and leaves the
-model's mode as it found it; the figure function returns a matplotlib Figure built without pyplot.
+Every measurement runs the network in fp32 (autocast off), in eval mode, without gradients, and
+leaves the model's mode as it found it; the softmax of its logits is taken in float64. The figure
+function returns a matplotlib Figure built without pyplot.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from matplotlib import patheffects
+from matplotlib.colors import SymLogNorm
 from matplotlib.figure import Figure
 from torch import nn
 
@@ -35,6 +37,11 @@ OCCLUSION_STRIDE = 2
 # "background only" when every pixel it covers is exactly 0 (MNIST's background); positions that
 # cover only faint anti-aliased edge pixels are neither, and are counted separately.
 STROKE_THRESHOLD = GREY_128
+# The maps are coloured by the drop in the class probability on a symmetric log scale, linear within
+# +-DROP_LINEAR_WITHIN: a network this sure of a digit (p within 1e-4 of 1, often within 1e-6) moves
+# the probability by 1e-5 at most positions and by 0.5 at a few, so a linear scale shows only those
+# few. Below 1e-6 a change is nothing a reader would act on; the float64 softmax resolves far less.
+DROP_LINEAR_WITHIN = 1e-6
 
 
 def patch_positions(size: int, patch: int, stride: int) -> list[int]:
@@ -70,8 +77,8 @@ class Occlusion:
 
     image: torch.Tensor  # (1, H, W) the clean image
     target: int  # the class of interest
-    clean: torch.Tensor  # (10,) probabilities without a patch
-    probabilities: torch.Tensor  # (rows, cols, 10): [i, j] = patch at top-left (rows[i], cols[j])
+    clean: torch.Tensor  # (10,) probabilities without a patch (float64)
+    probabilities: torch.Tensor  # (rows, cols, 10) float64: [i, j] = patch at (rows[i], cols[j])
     rows: list[int]
     cols: list[int]
     patch: int
@@ -131,7 +138,9 @@ def occlusion_map(
     n_rows, n_cols = masks.shape[:2]
     batch = torch.cat([x[None], occluded.reshape(n_rows * n_cols, 1, h, w)])
     with frozen_eval(model), torch.no_grad():
-        probs = model(batch).float().softmax(1).cpu()
+        # Softmax in float64: in float32 a probability near 1 moves in steps of 6e-8, which erases
+        # the small drops of a confident model (the maps show drops down to DROP_LINEAR_WITHIN).
+        probs = model(batch).float().double().softmax(1).cpu()
     clean = probs[0]
     return Occlusion(
         image=image.cpu(),
@@ -180,77 +189,135 @@ def _cell_edges(centres: Sequence[float]) -> np.ndarray:
     return np.concatenate([[c[0] - (middle[0] - c[0])], middle, [c[-1] + (c[-1] - middle[-1])]])
 
 
-def plot_occlusion(results: Sequence[Occlusion], pairs_per_row: int = 2) -> Figure:
-    """Each image beside its occlusion map (class-of-interest probability at each patch position).
+def fill_name(fill: float) -> str:
+    """A patch fill as the figures name it: its value, and what it is for the three known fills."""
+    for value, name in ((MNIST_MEAN, "mean pixel"), (GREY_128, "grey 128"), (0.0, "black")):
+        if math.isclose(fill, value, abs_tol=1e-6):
+            return f"{fill:.3f} ({name})"
+    return f"{fill:.3f}"
 
-    The map is drawn on the image's own pixel grid: each cell sits at its patch's centre, so up,
-    down, left and right mean the same in both panels. Digits mark the positions where the patch
-    flips the prediction, naming the class predicted there.
+
+def format_probability(p: float) -> str:
+    """`p` to 3 decimals, or as 1 - x once it rounds to 1.000, so a confident p stays readable."""
+    return f"1 − {1 - p:.1e}" if p >= 0.9995 else f"{p:.3f}"
+
+
+def _short(x: float) -> str:
+    """A drop for a title: two decimals, or one significant digit as 3e-4 below 0.01."""
+    if abs(x) >= 0.01:
+        return f"{x:.2f}"
+    mantissa, exponent = f"{x:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _symlog_ticks(linear_within: float) -> tuple[list[float], list[str]]:
+    """Colour-bar ticks every other decade from +-linear_within to +-1, and 0."""
+    decades = list(range(0, math.floor(math.log10(linear_within)) - 1, -2))[::-1]  # ..., -2, 0
+    positive = [(10.0**d, "1" if d == 0 else f"1e{d}") for d in decades]
+    ticks = [(-t, f"−{label}") for t, label in reversed(positive)] + [(0.0, "0")] + positive
+    return [t for t, _ in ticks], [label for _, label in ticks]
+
+
+def _draw_drop(ax, occ: Occlusion, norm: SymLogNorm):
+    """One occlusion map on the image's pixel grid: the drop per position, outline, flips."""
+    h, w = occ.image.shape[-2:]
+    half = occ.patch / 2
+    # One cell per position, centred on the patch centre (offset + patch/2 in pixel-edge
+    # coordinates); cell edges halfway between centres, so an extra flush position fits too.
+    mesh = ax.pcolormesh(
+        _cell_edges([c + half for c in occ.cols]),
+        _cell_edges([r + half for r in occ.rows]),
+        occ.drop.numpy(),
+        cmap="RdBu_r",
+        norm=norm,
+    )
+    ax.contour(
+        np.arange(w) + 0.5,
+        np.arange(h) + 0.5,
+        occ.image[0].numpy(),
+        [0.5],
+        colors="black",
+        linewidths=0.6,
+    )
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
+    ax.set_aspect("equal")  # square pixels, as in the image above it
+    ax.set_facecolor("0.7")  # the frame no patch centre reaches
+    predicted = occ.probabilities.argmax(-1)
+    flips = occ.flips.nonzero().tolist()
+    for i, j in flips:
+        ax.text(
+            occ.cols[j] + half,
+            occ.rows[i] + half,
+            str(int(predicted[i, j])),
+            color="black",
+            fontsize=5.5,
+            ha="center",
+            va="center",
+            fontweight="bold",
+            path_effects=[patheffects.withStroke(linewidth=1.5, foreground="white")],
+        )
+    ax.set_title(f"largest drop {_short(float(occ.drop.max()))}, {len(flips)} flips", fontsize=7)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return mesh
+
+
+def plot_occlusion(
+    *fills: Sequence[Occlusion],
+    image_names: Sequence[str] | None = None,
+    linear_within: float = DROP_LINEAR_WITHIN,
+) -> Figure:
+    """The images in the top row, then one row of occlusion maps per patch fill in `fills`.
+
+    Each map shows the drop of the class-of-interest probability (clean minus occluded) at every
+    patch position, on one symmetric log colour scale shared by all maps, linear within
+    +-`linear_within`. The map is drawn on the image's own pixel grid: each cell sits at its
+    patch's centre, so up, down, left and right mean the same in every panel. Digits mark the
+    positions where the patch flips the prediction, naming the class predicted there.
     """
-    n = len(results)
-    nrows = math.ceil(n / pairs_per_row)
-    fig = Figure(figsize=(3.3 * pairs_per_row * 2 * 0.62 + 1.0, 2.15 * nrows + 0.8))
-    fig.set_layout_engine("constrained")
-    axes = fig.subplots(nrows, 2 * pairs_per_row, squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
-    im = None
-    for k, occ in enumerate(results):
-        r, q = divmod(k, pairs_per_row)
-        ax_img, ax_map = axes[r, 2 * q], axes[r, 2 * q + 1]
-        h, w = occ.image.shape[-2:]
-        ax_img.imshow(occ.image[0].numpy(), cmap="gray", vmin=0, vmax=1)
-        ax_img.set_title(
-            f"class {occ.target}: p={occ.clean[occ.target]:.3f}\npredicted {occ.clean_prediction}",
-            fontsize=8,
+    if not fills or not fills[0]:
+        raise ValueError("need at least one non-empty row of occlusion results")
+    first = fills[0]
+    for row in fills[1:]:
+        same = len(row) == len(first) and all(
+            torch.equal(a.image, b.image) and a.target == b.target
+            for a, b in zip(first, row, strict=False)
         )
-        half = occ.patch / 2
-        # One cell per position, centred on the patch centre (offset + patch/2 in pixel-edge
-        # coordinates); cell edges halfway between centres, so an extra flush position fits too.
-        im = ax_map.pcolormesh(
-            _cell_edges([c + half for c in occ.cols]),
-            _cell_edges([r + half for r in occ.rows]),
-            occ.target_map.numpy(),
-            cmap="viridis",
-            vmin=0,
-            vmax=1,
-        )
-        ax_map.contour(
-            np.arange(w) + 0.5,
-            np.arange(h) + 0.5,
-            occ.image[0].numpy(),
-            [0.5],
-            colors="white",
-            linewidths=0.6,
-        )
-        ax_map.set_xlim(0, w)
-        ax_map.set_ylim(h, 0)
-        ax_map.set_facecolor("0.85")  # the frame no patch centre reaches
-        flips = occ.flips.nonzero().tolist()
-        predicted = occ.probabilities.argmax(-1)
-        for i, j in flips:
-            ax_map.text(
-                occ.cols[j] + half,
-                occ.rows[i] + half,
-                str(int(predicted[i, j])),
-                color="red",
-                fontsize=6,
-                ha="center",
-                va="center",
-                fontweight="bold",
-                path_effects=[patheffects.withStroke(linewidth=1.5, foreground="white")],
-            )
-        ax_map.set_title(f"min p={occ.target_map.min():.2f}, {len(flips)} flips", fontsize=8)
-        ax_map.set_axis_on()
-        ax_map.set_xticks([])
-        ax_map.set_yticks([])
-    fig.colorbar(im, ax=axes, shrink=0.6, label="probability of the class of interest")
-    first = results[0]
+        if not same:
+            raise ValueError("every row must occlude the same images for the same classes")
+    n, nrows = len(first), 1 + len(fills)
+    fig = Figure(figsize=(1.45 * n + 1.9, 1.6 * nrows + 1.0), layout="constrained")
+    axes = fig.subplots(nrows, n, squeeze=False)
+    for k, occ in enumerate(first):
+        ax = axes[0, k]
+        ax.imshow(occ.image[0].numpy(), cmap="gray", vmin=0, vmax=1)
+        name = f", {image_names[k]}" if image_names else ""
+        wrong = f", predicted {occ.clean_prediction}" if occ.clean_prediction != occ.target else ""
+        p = format_probability(float(occ.clean[occ.target]))
+        ax.set_title(f"class {occ.target}{name}{wrong}\np = {p}", fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, 0].set_ylabel("test image\n(p without patch)", fontsize=8)
+    norm = SymLogNorm(linthresh=linear_within, linscale=0.5, vmin=-1.0, vmax=1.0, base=10)
+    mesh = None
+    for r, row in enumerate(fills, start=1):
+        for k, occ in enumerate(row):
+            mesh = _draw_drop(axes[r, k], occ, norm)
+        axes[r, 0].set_ylabel(f"patch fill\n{fill_name(row[0].fill)}", fontsize=8)
+    ticks, labels = _symlog_ticks(linear_within)
+    bar = fig.colorbar(mesh, ax=axes[1:], shrink=0.9, ticks=ticks, aspect=15)
+    bar.ax.set_yticklabels(labels, fontsize=7)
+    bar.set_label(
+        f"drop in p(class): p without patch − p with patch\n(symmetric log scale, linear within "
+        f"±{_short(linear_within)}; red: p falls, blue: p rises)",
+        fontsize=8,
+    )
     fig.suptitle(
-        f"Occlusion: {first.patch}x{first.patch} patch filled with {first.fill:.3f} (pixel scale: "
-        f"0 black background, 1 white ink), stride {first.stride}\nEach map cell sits at its "
-        "patch's centre; white line: digit outline (pixel 0.5); red digit: the prediction flips "
-        "to that class there",
+        f"Occlusion: a {first[0].patch}x{first[0].patch} patch slid with stride {first[0].stride} "
+        "px (pixel scale: 0 black background, 1 white ink); each map cell sits at its patch's "
+        "centre (grey frame: no centre there)\nblack line: digit outline (pixel 0.5); digits in the "
+        "map: the prediction flips to that class there",
         fontsize=9,
     )
     return fig
