@@ -3,6 +3,9 @@ fields, one-image-at-a-time runs, and the model left exactly as it was found."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import pytest
 import torch
 from matplotlib.figure import Figure
@@ -265,3 +268,56 @@ def test_figures_are_figures():
         field = cm.receptive_field(model, layer)
         fig = cm.plot_feature_images(layer, weight, r.images, r.images, field, position)
         assert isinstance(fig, Figure)
+
+
+def test_evidence_of_constant_models():
+    images = torch.rand(20, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    classes = cm.grid_classes(2)
+    templates = torch.rand(10, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    p3 = (torch.tensor(5.0).exp() / (torch.tensor(5.0).exp() + 9)).item()
+    other = (1 - p3) / 9
+    mostly_7 = torch.tensor([7] * 5 + [3] * 2 + [0] * 13)
+    ev = cm.class_evidence(Constant(3), Constant(7), images, mostly_7, templates)
+    assert ev["generator_agreement"] == pytest.approx(0.1)
+    assert ev["agreement"] == pytest.approx(0.25)  # the judge's, not the generating model's
+    assert ev["generator_confidence"] == pytest.approx(0.1 * p3 + 0.9 * other)
+    assert ev["judge_confidence"] == pytest.approx(0.25 * p3 + 0.75 * other)
+    # Row-major grid of 10 classes x 2 columns: a model that always says 7 gets row 7 right.
+    torch.testing.assert_close(
+        cm.column_agreement(Constant(7), images, classes, 2), torch.tensor([0.1, 0.1])
+    )
+    flipped = classes.clone()
+    flipped[1::2] = 7  # every second column targets 7
+    torch.testing.assert_close(
+        cm.column_agreement(Constant(7), images, flipped, 2), torch.tensor([0.1, 1.0])
+    )
+
+
+def test_feature_observations_against_the_analytic_answers():
+    # bn: the BN scale must be folded into the kernels that the analytic answers use.
+    model, judge = cnn("bn"), cnn("plain", seed=1)
+    neuron_l2, mean_l2 = 0.5, 0.5  # conv1 contracts by 1 - 2 lambda step = 0.9 per step
+    obs = {}
+    for layer, steps, step_size in (("conv1", 150, 0.1), ("conv2", 20, 0.03)):
+        position, size = cm.centre_position(model, layer), cm.feature_map_size(model, layer)
+        config = cm.AscentConfig(steps=steps, step_size=step_size)
+        neuron = cm.maximise_features(
+            model, layer, replace(config, l2=neuron_l2), position=position
+        )
+        mean = cm.maximise_features(
+            model, layer, cm.per_position(replace(config, l2=mean_l2), math.prod(size))
+        )
+        obs[layer] = cm.feature_observations(
+            model, judge, layer, mean, neuron, position, neuron_l2, mean_l2
+        )
+    o1, o2 = obs["conv1"], obs["conv2"]
+    assert (o1["receptive_field"], o2["receptive_field"]) == (3, 8)
+    assert o1["neuron_changed_pixels_outside_field"] == 0
+    assert o2["neuron_changed_pixels_outside_field"] == 0
+    assert max(o1["neuron_changed_box_max"]) <= 3 and max(o2["neuron_changed_box_max"]) <= 8
+    assert o1["neuron_max_error_vs_analytic_optimum"] < 1e-5
+    assert o1["mean_image_max_error_vs_analytic_interior"] < 1e-5
+    assert o1["mean_image_interior_std"] < 1e-5
+    assert 0 < o1["mean_image_interior_share_lit"] < 1  # random kernels: sums of both signs
+    assert "neuron_max_error_vs_analytic_optimum" not in o2  # conv2 is not linear in the pixels
+    assert 0 < o2["judge_max_probability_mean_images"] <= 1

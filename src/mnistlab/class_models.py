@@ -296,6 +296,35 @@ def centre_share(images: torch.Tensor, box: int = DIGIT_BOX) -> torch.Tensor:
     return (inside / total).cpu()
 
 
+def class_evidence(
+    model: nn.Module,
+    judge: nn.Module,
+    images: torch.Tensor,
+    classes: torch.Tensor,
+    templates: torch.Tensor,
+) -> dict[str, float]:
+    """Whether images show their class: the generating model's, the judge's and the templates' view."""
+    scores = template_scores(images, classes, templates)
+    return {
+        "generator_confidence": target_probability(model, images, classes).mean().item(),
+        "generator_agreement": agreement(model, images, classes),
+        "agreement": agreement(judge, images, classes),
+        "judge_confidence": target_probability(judge, images, classes).mean().item(),
+        "template_correlation": scores["own_correlation"].mean().item(),
+        "template_match": (scores["nearest"] == classes.cpu()).float().mean().item(),
+        **within_between_correlation(images, classes),
+        "centre_share": centre_share(images).mean().item(),
+    }
+
+
+def column_agreement(
+    judge: nn.Module, images: torch.Tensor, classes: torch.Tensor, columns: int
+) -> torch.Tensor:
+    """(columns,) share of each column of a row-major class-by-column grid that `judge` reads right."""
+    hit = predicted_classes(judge, images) == classes.cpu()
+    return hit.view(-1, columns).float().mean(dim=0)
+
+
 # ==================================================================================================
 # Intermediate features
 # ==================================================================================================
@@ -476,6 +505,67 @@ def changed_box_sizes(images: torch.Tensor, start: torch.Tensor, tol: float = 1e
         else:
             sizes.append((int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)))
     return torch.tensor(sizes, dtype=torch.long).view(-1, 2)
+
+
+def feature_observations(
+    model: nn.Module,
+    judge: nn.Module,
+    layer: str,
+    mean_result: AscentResult,
+    neuron_result: AscentResult,
+    position: tuple[int, int],
+    neuron_l2: float,
+    mean_l2: float,
+) -> dict[str, object]:
+    """What one layer's maximisers show, measured: where a neuron's image changes, how flat a mean is.
+
+    mean_result: one image per channel maximising its mean, ascended in sum units with lambda
+    `mean_l2` (see per_position); neuron_result: one per channel maximising the neuron at
+    `position` with lambda `neuron_l2`. For a layer that reads the image (conv1) the pre-activation
+    is linear, so both are also compared with their exact maximisers.
+    """
+    field = receptive_field(model, layer)
+    r0, r1, c0, c1 = field.box(position)
+    boxes = changed_box_sizes(neuron_result.images, neuron_result.start)
+    outside = (neuron_result.images - neuron_result.start).abs() > 1e-3
+    outside[:, :, r0:r1, c0:c1] = False
+    # Pixel 0 and 27 meet the zero padding, so only rows and columns 1..26 see every weight.
+    interior = mean_result.images[:, 0, 1:-1, 1:-1].flatten(1)
+    judge_probs = predict(judge, mean_result.images.to(next(judge.parameters()).device))
+    obs: dict[str, object] = {
+        "receptive_field": field.size,
+        "neuron_changed_box_max": boxes.max(dim=0).values.tolist(),
+        "neuron_changed_box_mean": boxes.float().mean(dim=0).tolist(),
+        "neuron_changed_pixels_outside_field": int(outside.sum()),
+        "mean_image_interior_std": interior.std(dim=1).mean().item(),
+        "mean_image_centre_share": centre_share(mean_result.images).mean().item(),
+        "mean_rise": rise_summary(mean_result.objective),
+        "neuron_rise": rise_summary(neuron_result.objective),
+        "judge_max_probability_mean_images": judge_probs.max(dim=1).values.mean().item(),
+    }
+    weight = effective_weight(model, layer)
+    if weight.shape[1] == 1:
+        optimum = linear_neuron_optimum(model, layer, position, neuron_l2)
+        window = optimum[:, 0, r0:r1, c0:c1]
+        # Every interior pixel meets all k x k weights of a channel once in its sum, so its gradient
+        # is the kernel sum / MNIST_STD, and the sum's maximiser is flat there.
+        flat = (weight.sum(dim=(1, 2, 3)) / (MNIST_STD * 2 * mean_l2)).clamp(0.0, 1.0)
+        obs |= {
+            "neuron_max_error_vs_analytic_optimum": (neuron_result.images - optimum)
+            .abs()
+            .max()
+            .item(),
+            "neuron_window_pixels_strictly_inside_0_1": ((window > 0) & (window < 1))
+            .float()
+            .mean()
+            .item(),
+            "mean_image_max_error_vs_analytic_interior": (interior - flat.view(-1, 1))
+            .abs()
+            .max()
+            .item(),
+            "mean_image_interior_share_lit": (flat > 0).float().mean().item(),
+        }
+    return obs
 
 
 # ==================================================================================================
