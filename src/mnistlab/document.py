@@ -966,15 +966,15 @@ def section_o1(m: dict[str, Any]) -> Section:
             pct(need(real, "template_match"), 0),
         ),
     ]
-    agreement = need(reg, "agreement")
-    # Notebook 04's verdict: resemblance to the class templates, relative to real digits.
-    resemblance = need(reg, "template_correlation") / need(real, "template_correlation")
-    if resemblance >= 0.75 and need(reg, "template_match") >= 0.8:
-        answer = "Yes, mostly"
-    elif resemblance >= 0.4 or need(reg, "template_match") >= 0.5:
-        answer = "Partly"
-    else:
-        answer = "No"
+    selection = need(c, "step_selection", "plain")
+    chosen = need(selection, "chosen_step")
+    formed = next(r for r in need(selection, "by_step") if r["step_size"] == chosen)
+    by_class = need(c, "plain_by_class")
+    agreement = need(plain, "agreement")
+    # Notebook 04's verdict: a second network's reading, then the pixels' on the real digits' scale.
+    judge_says = "Yes" if agreement >= 0.9 else "Mostly" if agreement >= 0.5 else "No"
+    resemblance = need(plain, "template_correlation") / need(real, "template_correlation")
+    as_real = need(plain, "template_match") >= need(real, "template_match") and resemblance >= 0.75
     return Section(
         "O1",
         "Optimization over images: show 10 images for each of the 10 classes",
@@ -982,18 +982,26 @@ def section_o1(m: dict[str, Any]) -> Section:
             f"From a black (zero) image, {need(cfg_plain, 'steps')} steps of ascent on "
             "J(I) = S_c(I) − λ‖I‖² (S_c the class logit, ‖I‖² the sum of squared pixels). Left "
             f"grid, the assignment's recipe: the {len(lambdas)} images of a class sweep λ from {lambdas[0]:g} "
-            f"to {lambdas[-1]:g}. Right grid: fixed λ = {need(cfg_reg, 'l2'):g} plus random "
-            f"jitter (up to {need(cfg_reg, 'jitter')} px) and a blur every "
-            f"{need(cfg_reg, 'blur_every')} steps, two image priors from the literature.",
-            f"**Do those images look like a number?** {answer}. The regularised images correlate "
-            f"{fixed(need(reg, 'template_correlation'))} with their class's mean training image, "
-            f"{pct(resemblance, 0)} of what real digits reach "
-            f"({fixed(need(real, 'template_correlation'))}; plain ascent "
-            f"{fixed(need(plain, 'template_correlation'))}), and an independently trained network "
-            f"assigns {pct(agreement, 0)} of them (plain ascent "
-            f"{pct(need(plain, 'agreement'), 0)}) to their target class. They are arrangements of stroke "
-            "fragments, not pen strokes: nothing in J asks for one connected stroke on a clean "
-            "background.",
+            f"to {lambdas[-1]:g}, with step {chosen:g}, the candidate step at which the generating "
+            f"network reads the most grid images as their class with probability ≥ "
+            f"{need(c, 'step_selection', 'formed_probability'):g} ({pct(need(formed, 'formed_share'), 0)} "
+            f"here; lowest probability over the grid "
+            f"{fixed(min(need(by_class, 'generator_min_probability')), 4)}). Right grid: fixed "
+            f"λ = {need(cfg_reg, 'l2'):g} plus random jitter (up to {need(cfg_reg, 'jitter')} px) "
+            f"and a blur every {need(cfg_reg, 'blur_every')} steps, two image priors from the "
+            "literature.",
+            f"**Do those images look like a number?** {judge_says} to a second network: an "
+            f"independently trained network, which took no part in the ascent or in choosing the "
+            f"step, reads **{pct(agreement, 0)}** of the assignment's images as their target class "
+            f"(worst class {pct(min(need(by_class, 'judge_agreement')), 0)}; jitter + blur "
+            f"{pct(need(reg, 'agreement'), 0)}). By the pixels, "
+            + ("as clearly as real digits" if as_real else "less clearly than real digits")
+            + f": they correlate {fixed(need(plain, 'template_correlation'))} with their class's "
+            f"mean training image, {pct(resemblance, 0)} of what real digits reach "
+            f"({fixed(need(real, 'template_correlation'))}; jitter + blur "
+            f"{fixed(need(reg, 'template_correlation'))}). They are the network's evidence for a "
+            "class, strokes where that digit has them with fragments between, not pen strokes: "
+            "nothing in J asks for one connected stroke on a clean background.",
             f"**Plot cost vs optimization iteration.** J rises (second figure): with the plain "
             f"recipe from {fixed(need(rise, 'mean_start'))} to {fixed(need(rise, 'mean_end'))} on "
             f"average, falling in {pct(need(rise, 'fraction_of_steps_falling'), 1)} of the steps "
