@@ -32,7 +32,7 @@ report: $(STAMP)
 	$(PY) -m mnistlab.report --out report
 
 quick-report: $(STAMP)
-	$(PY) -m mnistlab.report --quick --out build/quick-report --checkpoints build/quick-checkpoints
+	$(PY) -m mnistlab.report --quick --out build/quick-report
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -59,4 +59,4 @@ colab-links: $(STAMP)
 	$(PY) -m mnistlab.colab $(if $(REMOTE),--remote $(REMOTE)) $(if $(BRANCH),--branch $(BRANCH))
 
 clean:
-	rm -rf build checkpoints .pytest_cache PA2_*.zip
+	rm -rf build report.new .pytest_cache PA2_*.zip

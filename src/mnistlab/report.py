@@ -29,6 +29,9 @@ from .pipeline import CHECKPOINT_DIR_ENV
 from .results import read_metrics, report_dir, update_metrics
 
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+# Written by other commands (make bench, the recipe search, a GPU run) and read by the summary:
+# a full run carries them over into the report it builds.
+CARRIED = ("bench*.json", "recipe_search*.jsonl", "metrics_*.json")
 
 
 def run_notebook(source: Path, executed: Path, parameters: dict[str, Any]) -> float:
@@ -332,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--checkpoints",
         default=None,
-        help=f"checkpoint folder (default: ${CHECKPOINT_DIR_ENV} or ./checkpoints)",
+        help=f"checkpoint folder (default: ${CHECKPOINT_DIR_ENV}, else the report's own "
+        "build/<out>-checkpoints, never the notebooks' ./checkpoints)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="smoke mode: tiny settings, seconds per notebook"
@@ -370,15 +374,31 @@ def main(argv: list[str] | None = None) -> int:
     if not sources:
         print(f"no notebooks found in {args.notebooks}", file=sys.stderr)
         return 2
-    checkpoints = Path(
-        args.checkpoints or os.environ.get(CHECKPOINT_DIR_ENV) or "checkpoints"
-    ).resolve()
+    # The report trains into a folder of its own, so a full run, which starts from no model,
+    # clears only checkpoints it wrote itself; a folder the user names is never cleared.
+    named = args.checkpoints or os.environ.get(CHECKPOINT_DIR_ENV)
+    checkpoints = Path(named or Path("build") / f"{out.name}-checkpoints").resolve()
     if not args.keep_checkpoints and not args.only:
-        for old in checkpoints.glob("*.pt"):
+        found = sorted(checkpoints.glob("*.pt"))
+        if found and named:
+            print(
+                f"{checkpoints} holds {len(found)} checkpoint(s), and a full run trains every "
+                "model itself: pass --keep-checkpoints to reuse them, or name an empty folder",
+                file=sys.stderr,
+            )
+            return 2
+        for old in found:
             old.unlink()
-    if not args.only:  # a full run starts from an empty report
-        shutil.rmtree(out / "figures", ignore_errors=True)
-        (out / "metrics.json").unlink(missing_ok=True)
+    final = out
+    if not args.only:
+        # A full run builds a new report beside the old one and swaps it in only when every
+        # notebook has run, so a failed or interrupted run leaves the previous report whole.
+        out = final.with_name(f"{final.name}.new")
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        for pattern in CARRIED:
+            for kept in final.glob(pattern):
+                shutil.copy2(kept, out / kept.name)
     report_dir(out)
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
 
@@ -434,10 +454,28 @@ def main(argv: list[str] | None = None) -> int:
     metrics = read_metrics(out)
     write_summary(out, sorted(Path(args.notebooks).glob("[0-9][0-9]_*.ipynb")), metrics)
     write_document(out, metrics)
-    if not args.quick and not args.no_readme and out == Path("report").resolve():
+    if out != final:
+        swap_in(out, final)
+    if not args.quick and not args.no_readme and final == Path("report").resolve():
         refresh_readme(Path("README.md"), metrics)
-    print(f"report written to {out} in {total:.0f} s")
+    print(f"report written to {final} in {total:.0f} s")
     return 0
+
+
+def swap_in(new: Path, report: Path) -> None:
+    """Move everything `new` holds into `report`, replacing what has the same name; drop `new`.
+
+    Files of `report` that the run does not write (a user's notes, say) stay where they are.
+    """
+    report.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(new.iterdir()):
+        target = report / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        os.replace(entry, target)
+    new.rmdir()
 
 
 if __name__ == "__main__":

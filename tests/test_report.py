@@ -1,0 +1,97 @@
+"""`make report` loses nothing: a failed run leaves the old report whole, user files stay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+
+import mnistlab.bench
+from mnistlab import report
+from mnistlab.results import update_metrics
+
+REPO = Path(__file__).parents[1]
+
+
+@pytest.fixture
+def fake_pipeline(tmp_path, monkeypatch):
+    """report.main with the notebooks, HTML, document and speed probe replaced by quick fakes.
+
+    Each fake notebook writes what a real one writes (its executed copy, a figure, a metrics
+    entry); `fail_on` names the notebook that is interrupted, as by Ctrl-C.
+    """
+    monkeypatch.chdir(tmp_path)
+    sources = tmp_path / "notebooks"
+    sources.mkdir()
+    for name in ("01_first.ipynb", "02_second.ipynb"):
+        nbformat.write(nbformat.v4.new_notebook(), sources / name)
+    state = {"fail_on": None, "runs": 0}
+
+    def run_notebook(source, executed, parameters):
+        if state["fail_on"] and source.name.startswith(state["fail_on"]):
+            raise KeyboardInterrupt
+        folder = Path(parameters["report_dir"])
+        nbformat.write(nbformat.v4.new_notebook(), executed)
+        (folder / "figures" / f"{source.stem}.png").write_bytes(f"run {state['runs']}".encode())
+        update_metrics({"ran": {source.stem: state["runs"]}}, folder)
+        return 0.0
+
+    monkeypatch.setattr(report, "run_notebook", run_notebook)
+    monkeypatch.setattr(report, "to_html", lambda executed, target: target.write_text("html"))
+    monkeypatch.setattr(report, "write_document", lambda out, metrics: None)
+    monkeypatch.setattr(mnistlab.bench, "fp32_gemm_gflops", lambda device: 1.0)
+
+    def run(*extra: str, fail_on: str | None = None) -> int:
+        state["fail_on"] = fail_on
+        state["runs"] += 1
+        return report.main(["--notebooks", str(sources), "--no-readme", *extra])
+
+    return run
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_an_interrupted_run_leaves_the_previous_report_whole(fake_pipeline, tmp_path):
+    assert fake_pipeline() == 0
+    before = snapshot(tmp_path / "report")
+    assert "figures/02_second.png" in before and "metrics.json" in before
+    with pytest.raises(KeyboardInterrupt):
+        fake_pipeline(fail_on="02")
+    assert snapshot(tmp_path / "report") == before
+    # The next run starts its new report from scratch and swaps it in whole.
+    assert fake_pipeline() == 0
+    after = snapshot(tmp_path / "report")
+    assert after["figures/01_first.png"] == b"run 3" and after.keys() == before.keys()
+    assert not (tmp_path / "report.new").exists()
+
+
+def test_a_full_run_keeps_files_it_did_not_write(fake_pipeline, tmp_path):
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "notes.txt").write_text("mine")
+    bench = (REPO / "report" / "bench.json").read_text()  # written by make bench
+    (tmp_path / "report" / "bench.json").write_text(bench)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "best.pt").write_bytes(b"trained by hand")
+    own = tmp_path / "build" / "report-checkpoints"
+    own.mkdir(parents=True)
+    (own / "old.pt").write_bytes(b"from the last report")
+    assert fake_pipeline() == 0
+    assert (tmp_path / "report" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "report" / "bench.json").read_text() == bench
+    assert (tmp_path / "checkpoints" / "best.pt").read_bytes() == b"trained by hand"
+    assert not (own / "old.pt").exists()  # the report's own folder starts empty
+
+
+def test_a_named_checkpoint_folder_is_never_cleared(fake_pipeline, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "best.pt").write_bytes(b"keep")
+    assert fake_pipeline("--checkpoints", str(mine)) == 2
+    assert (mine / "best.pt").read_bytes() == b"keep"
+    assert not (tmp_path / "report").exists()
+    assert fake_pipeline("--checkpoints", str(mine), "--keep-checkpoints") == 0
+    assert (mine / "best.pt").read_bytes() == b"keep"
