@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
+
+from mnistlab.allocator import MALLOC_ENV
 
 # Where does glibc put a 12.8 MB block (conv1's maps at batch 128)? On the brk heap, where freed
 # memory stays mapped for reuse, or in a mapping of its own, unmapped again when freed?
@@ -14,6 +17,8 @@ import ctypes, sys
 if sys.argv[1] == "tuned":
     from mnistlab.allocator import keep_freed_memory
     assert keep_freed_memory()
+elif sys.argv[1] == "imported":
+    import mnistlab.data, mnistlab.model, mnistlab.train
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 block = libc.malloc(128 * 32 * 28 * 28 * 4)
@@ -23,9 +28,13 @@ print(low <= block < high)
 """
 
 
-def block_on_heap(mode: str) -> bool:
+def block_on_heap(mode: str, env: dict[str, str] | None = None) -> bool:
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True
+        [sys.executable, "-c", PROBE, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **(env or {})},
     )
     return out.stdout.strip() == "True"
 
@@ -34,3 +43,9 @@ def block_on_heap(mode: str) -> bool:
 def test_big_blocks_come_from_the_heap_once_tuned():
     assert not block_on_heap("default")  # glibc maps it apart, and unmaps it when freed
     assert block_on_heap("tuned")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
+def test_importing_the_package_changes_no_malloc_setting_and_kernels_get_them_by_environment():
+    assert not block_on_heap("imported")  # a student's kernel is left as it was
+    assert block_on_heap("default", MALLOC_ENV)  # what make report gives its notebook kernels

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nbformat
@@ -9,6 +10,7 @@ import pytest
 
 import mnistlab.bench
 from mnistlab import report
+from mnistlab.allocator import MALLOC_ENV
 from mnistlab.results import update_metrics
 
 REPO = Path(__file__).parents[1]
@@ -31,6 +33,7 @@ def fake_pipeline(tmp_path, monkeypatch):
     def run_notebook(source, executed, parameters):
         if state["fail_on"] and source.name.startswith(state["fail_on"]):
             raise KeyboardInterrupt
+        state["kernel_env"] = {k: os.environ.get(k) for k in MALLOC_ENV}
         folder = Path(parameters["report_dir"])
         nbformat.write(nbformat.v4.new_notebook(), executed)
         (folder / "figures" / f"{source.stem}.png").write_bytes(f"run {state['runs']}".encode())
@@ -47,6 +50,7 @@ def fake_pipeline(tmp_path, monkeypatch):
         state["runs"] += 1
         return report.main(["--notebooks", str(sources), "--no-readme", *extra])
 
+    run.state = state
     return run
 
 
@@ -95,3 +99,13 @@ def test_a_named_checkpoint_folder_is_never_cleared(fake_pipeline, tmp_path):
     assert not (tmp_path / "report").exists()
     assert fake_pipeline("--checkpoints", str(mine), "--keep-checkpoints") == 0
     assert (mine / "best.pt").read_bytes() == b"keep"
+
+
+def test_the_kernels_start_with_the_malloc_settings_and_the_process_keeps_its_own(
+    fake_pipeline, monkeypatch
+):
+    for name in MALLOC_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert fake_pipeline() == 0
+    assert fake_pipeline.state["kernel_env"] == MALLOC_ENV
+    assert not any(name in os.environ for name in MALLOC_ENV)

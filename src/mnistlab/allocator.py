@@ -9,6 +9,12 @@ import sys
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest allowed value
 TRIM_THRESHOLD_BYTES = 1 << 30
+# The same two settings for a process started later (a notebook kernel), which glibc reads from
+# its environment when it starts.
+MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES),
+    "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD_BYTES),
+}
 
 
 def keep_freed_memory() -> bool:

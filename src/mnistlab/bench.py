@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .allocator import keep_freed_memory
 from .data import MNIST, load_mnist, validation_split
 from .model import MnistCNN
 from .pipeline import SPLIT_SEED, VAL_SIZE
@@ -275,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-epochs", action="store_true", help="no whole training runs")
     args = parser.parse_args(argv)
 
+    keep_freed_memory()  # the pipelines share this process: reuse buffers, don't page-fault them
     device = default_device()
     data = load_mnist()
     gemm_before = fp32_gemm_gflops(device)
