@@ -29,10 +29,10 @@ $(STAMP): requirements.txt pyproject.toml
 	@touch $(STAMP)
 
 report: $(STAMP)
-	$(PY) -m mnistlab.report --out report
+	$(PY) -m mnistlab.tools.report --out report
 
 quick-report: $(STAMP)
-	$(PY) -m mnistlab.report --quick --out build/quick-report
+	$(PY) -m mnistlab.tools.report --quick --out build/quick-report
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -48,15 +48,15 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format src tests notebooks
 
 bench: $(STAMP)
-	$(PY) -m mnistlab.bench --out report/bench.json
+	$(PY) -m mnistlab.tools.bench --out report/bench.json
 
 zip: $(STAMP)
 	@test -n "$(ROLLNO)" || { echo "usage: make zip ROLLNO=<your roll number>"; exit 2; }
-	$(PY) -m mnistlab.submission PA2_$(ROLLNO).zip
+	$(PY) -m mnistlab.tools.submission PA2_$(ROLLNO).zip
 
 # Badges, install cells and run-time lines from pyproject.toml (and report/metrics_h200.json).
 colab-links: $(STAMP)
-	$(PY) -m mnistlab.colab $(if $(REMOTE),--remote $(REMOTE)) $(if $(BRANCH),--branch $(BRANCH))
+	$(PY) -m mnistlab.tools.colab $(if $(REMOTE),--remote $(REMOTE)) $(if $(BRANCH),--branch $(BRANCH))
 
 clean:
 	rm -rf build report.new .pytest_cache PA2_*.zip

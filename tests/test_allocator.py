@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from mnistlab.allocator import MALLOC_ENV
+from mnistlab.tools.allocator import MALLOC_ENV
 
 # Where does glibc put a 12.8 MB block (conv1's maps at batch 128)? On the brk heap, where freed
 # memory stays mapped for reuse, or in a mapping of its own, unmapped again when freed?
 PROBE = """
 import ctypes, sys
 if sys.argv[1] == "tuned":
-    from mnistlab.allocator import keep_freed_memory
+    from mnistlab.tools.allocator import keep_freed_memory
     assert keep_freed_memory()
 elif sys.argv[1] == "imported":
     import mnistlab.data, mnistlab.model, mnistlab.train

@@ -17,7 +17,8 @@ import pytest
 import torch
 from test_notebooks import shown_figures  # the report's test of what a reader sees
 
-from mnistlab import colab, train
+from mnistlab import train
+from mnistlab.tools import colab
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,7 +32,7 @@ LINKED_FILES = ["pyproject.toml", "README.md", "notebooks", "report/metrics_h200
 
 def disagreements(root: Path) -> list[str]:
     """Where the README badges, install cells and run-time lines disagree with pyproject and the
-    report's GPU run, read here independently of mnistlab.colab."""
+    report's GPU run, read here independently of mnistlab.tools.colab."""
     config = tomllib.loads((root / "pyproject.toml").read_text())
     repository = config["project"]["urls"]["Repository"]
     branch = config["tool"]["mnistlab"]["colab_branch"]

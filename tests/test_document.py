@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from pypdf import PdfReader
 
-from mnistlab import document, submission
-from mnistlab.document import (
+from mnistlab.tools import document, submission
+from mnistlab.tools.document import (
     DocumentError,
     build_document,
     compile_pdf,
@@ -26,8 +26,8 @@ from mnistlab.document import (
     pct,
     typst_escape,
 )
-from mnistlab.report import main as make_report
-from mnistlab.report import write_summary
+from mnistlab.tools.report import main as make_report
+from mnistlab.tools.report import write_summary
 
 REPORT = Path(__file__).parents[1] / "report"
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mnistlab.report import main as make_report
 from mnistlab.results import FIGURE_KEY
+from mnistlab.tools.report import main as make_report
 
 NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from mnistlab.recipes import CANDIDATES, main, rank
+from mnistlab.tools.recipes import CANDIDATES, main, rank
 from mnistlab.train import TrainConfig
 
 

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from papermill.exceptions import PapermillExecutionError
 
-import mnistlab.bench
-from mnistlab import report
-from mnistlab.allocator import MALLOC_ENV
+from mnistlab.data import MNISTDataError
 from mnistlab.results import update_metrics
+from mnistlab.tools import cli, report
+from mnistlab.tools.allocator import MALLOC_ENV
 
 REPO = Path(__file__).parents[1]
 
@@ -43,7 +44,7 @@ def fake_pipeline(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "run_notebook", run_notebook)
     monkeypatch.setattr(report, "to_html", lambda executed, target: target.write_text("html"))
     monkeypatch.setattr(report, "write_document", lambda out, metrics: None)
-    monkeypatch.setattr(mnistlab.bench, "fp32_gemm_gflops", lambda device: 1.0)
+    monkeypatch.setattr(report, "fp32_gemm_gflops", lambda device: 1.0)
 
     def run(*extra: str, fail_on: str | None = None) -> int:
         state["fail_on"] = fail_on
@@ -109,3 +110,29 @@ def test_the_kernels_start_with_the_malloc_settings_and_the_process_keeps_its_ow
     assert fake_pipeline() == 0
     assert fake_pipeline.state["kernel_env"] == MALLOC_ENV
     assert not any(name in os.environ for name in MALLOC_ENV)
+
+
+def test_a_failing_notebook_ends_the_run_with_its_error_not_a_traceback(
+    fake_pipeline, monkeypatch, capsys
+):
+    def failing(source, executed, parameters):
+        raise PapermillExecutionError(3, 1, "load_mnist()", "MNISTDataError", "set MNIST_DIR", [])
+
+    monkeypatch.setattr(report, "run_notebook", failing)
+    assert fake_pipeline() == 1
+    err = capsys.readouterr().err
+    assert "01_first.ipynb failed: MNISTDataError: set MNIST_DIR" in err
+
+
+def test_the_entry_points_end_a_known_error_with_its_message(capsys):
+    def no_data(argv):
+        raise MNISTDataError("/nowhere: no MNIST files; set MNIST_DIR")
+
+    assert cli.run(no_data) == 2
+    assert capsys.readouterr().err == "error: /nowhere: no MNIST files; set MNIST_DIR\n"
+
+    def bug(argv):
+        raise KeyError("not a known error")
+
+    with pytest.raises(KeyError):  # anything else keeps its traceback: it is a bug to see
+        cli.run(bug)

@@ -9,10 +9,10 @@ import zipfile
 import pytest
 import torch
 
-from mnistlab import bench
-from mnistlab.report import README_END, README_START, refresh_readme
 from mnistlab.results import read_metrics, update_metrics
-from mnistlab.submission import write_zip
+from mnistlab.tools import bench
+from mnistlab.tools.report import README_END, README_START, refresh_readme
+from mnistlab.tools.submission import write_zip
 
 
 def test_update_metrics_merges_nested_sections_and_converts_values(tmp_path):

@@ -30,7 +30,7 @@ class TrainConfig:
     """Every knob of a training run; stored in the checkpoint so the run can be rebuilt.
 
     The defaults are Part 1's recipe, chosen on the validation split by `python -m
-    mnistlab.recipes` (report/recipe_search*.jsonl): among the 27 candidates trained for 4
+    mnistlab.tools.recipes` (report/recipe_search*.jsonl): among the 27 candidates trained for 4
     epochs in rounds 1 and 2, raising the peak learning rate from the first default, 0.05, to 0.1
     gained 0.15 points of mean validation accuracy (99.18 -> 99.33%), on every one of the 6 seeds
     (the few candidates above it, lr 0.2 or lr 0.1 with weight averaging or weight decay 2e-4,
@@ -68,7 +68,7 @@ class TrainConfig:
 
 
 def one_epoch_config(base: TrainConfig) -> TrainConfig:
-    """The recipe for a single epoch, chosen on the validation split (mnistlab.recipes).
+    """The recipe for a single epoch, chosen on the validation split (mnistlab.tools.recipes).
 
     Batch norm starts faster (98.98% validation accuracy after one epoch against at most 98.81%
     for the plain network, 4 seeds each); with one pass over the data, more updates beat bigger

@@ -1,11 +1,11 @@
 """`make report`: execute every notebook headlessly with papermill, then write report/.
 
-    python -m mnistlab.report [--quick] [--out report] [--only 01 03]
+    python -m mnistlab.tools.report [--quick] [--out report] [--only 01 03]
 
 Writes report/notebooks/*.ipynb (executed), report/*.html (self-contained, images embedded),
 report/figures/*.png (saved by the notebooks), report/metrics.json (merged from the notebooks plus
 timings), report/README.md + report/index.html (a summary that links everything) and the
-submission document report/report.pdf + report/report.html (`mnistlab.document`: the assignment's
+submission document report/report.pdf + report/report.html (`mnistlab.tools.document`: the assignment's
 questions answered in order), and refreshes the results table in the project README between its
 `results:start` / `results:end` markers. `--summary-only` rewrites the summary and the document
 from an existing report folder without running anything.
@@ -24,11 +24,15 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+from papermill.exceptions import PapermillExecutionError
+
+from ..checkpoint import library_versions
+from ..pipeline import CHECKPOINT_DIR_ENV
+from ..results import read_metrics, report_dir, update_metrics
+from . import cli
 from .allocator import MALLOC_ENV
-from .checkpoint import library_versions
 from .document import HTML_NAME, PDF_NAME, write_document
-from .pipeline import CHECKPOINT_DIR_ENV
-from .results import read_metrics, report_dir, update_metrics
+from .machine import cpu_name, fp32_gemm_gflops
 
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 # Written by other commands (make bench, the recipe search, a GPU run) and read by the summary:
@@ -69,17 +73,6 @@ def to_html(executed: Path, target: Path) -> None:
         nbformat.read(executed, as_version=4)
     )
     target.write_text(body, encoding="utf-8")
-
-
-def cpu_name() -> str:
-    """The CPU model name (Linux), else the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def pct(value: float | None) -> str:
@@ -255,13 +248,13 @@ def epoch_lines(epochs: dict[str, Any]) -> list[str]:
 
 
 def recipe_table(path: Path) -> str:
-    """The recipe search (`python -m mnistlab.recipes`) ranked by mean validation accuracy."""
+    """The recipe search (`python -m mnistlab.tools.recipes`) ranked by mean validation accuracy."""
     from .recipes import rank
 
     runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     devices = sorted({r.get("gpu") or r.get("device_name") or r["device"] for r in runs})
     lines = [
-        f"## How the training recipe was chosen (`python -m mnistlab.recipes`, {', '.join(devices)})",
+        f"## How the training recipe was chosen (`python -m mnistlab.tools.recipes`, {', '.join(devices)})",
         "",
         "Mean best validation accuracy over seeds (5,000 held-out training images; the test set",
         "is never evaluated in the search). Overrides are relative to `TrainConfig`'s fields.",
@@ -415,8 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     import torch
 
-    from .bench import fp32_gemm_gflops
-    from .train import default_device
+    from ..train import default_device
 
     probe_device = default_device()
     gemm = {"before": fp32_gemm_gflops(probe_device)}
@@ -428,7 +420,15 @@ def main(argv: list[str] | None = None) -> int:
         for source in sources:
             executed = out / "notebooks" / source.name
             print(f"running {source.name} ...", flush=True)
-            seconds[source.stem] = run_notebook(source.resolve(), executed, parameters)
+            try:
+                seconds[source.stem] = run_notebook(source.resolve(), executed, parameters)
+            except PapermillExecutionError as err:
+                print(
+                    f"error: {source.name} failed: {err.ename}: {err.evalue}\n"
+                    f"(the executed notebook, up to the failing cell: {executed})",
+                    file=sys.stderr,
+                )
+                return 1
             to_html(executed, out / f"{source.stem}.html")
             print(f"  done in {seconds[source.stem]:.0f} s", flush=True)
     total = time.perf_counter() - start
@@ -484,4 +484,4 @@ def swap_in(new: Path, report: Path) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli.run(main))

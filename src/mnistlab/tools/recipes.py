@@ -1,6 +1,6 @@
 """Recipe search on the validation split: how the training recipe of Part 1 was chosen.
 
-    python -m mnistlab.recipes [--seeds 6] [--workers 4] [--only default,shift2] [--out FILE]
+    python -m mnistlab.tools.recipes [--seeds 6] [--workers 4] [--only default,shift2] [--out FILE]
 
 Trains every candidate recipe (a set of TrainConfig overrides) with several seeds and ranks the
 candidates by mean validation accuracy over the seeds. The test images are never evaluated here:
@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
-from .data import load_mnist, validation_split
-from .pipeline import SPLIT_SEED, VAL_SIZE
-from .report import cpu_name
-from .train import TrainConfig, train
+from ..data import load_mnist, validation_split
+from ..pipeline import SPLIT_SEED, VAL_SIZE
+from ..train import TrainConfig, train
+from . import cli
+from .machine import cpu_name
 
 # The one-epoch run's fixed part: no augmentation, many small steps, a longer warm-up.
 ONE_EPOCH: dict[str, Any] = {"epochs": 1, "batch_size": 32, "max_shift": 0, "warmup_fraction": 0.2}
@@ -186,4 +187,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli.run(main))

@@ -1,6 +1,6 @@
 """`make bench`: training throughput of three pipelines side by side, in one process, same model.
 
-    python -m mnistlab.bench [--out report/bench.json] [--windows 5] [--steps 20]
+    python -m mnistlab.tools.bench [--out report/bench.json] [--windows 5] [--steps 20]
 
 - project: the loop of mnistlab.train (in-memory tensors, permutation batches, batched random
   translation, max-pool before ReLU, fused SGD, channels_last, fp32 (faster than bf16 autocast
@@ -31,11 +31,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .allocator import keep_freed_memory
-from .data import MNIST, load_mnist, validation_split
-from .model import MnistCNN
-from .pipeline import SPLIT_SEED, VAL_SIZE
-from .train import (
+from ..data import MNIST, load_mnist, validation_split
+from ..model import MnistCNN
+from ..pipeline import SPLIT_SEED, VAL_SIZE
+from ..train import (
     TrainConfig,
     augment,
     autocast_dtype,
@@ -48,29 +47,9 @@ from .train import (
     train,
     training_forward,
 )
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work so that wall time measures it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def fp32_gemm_gflops(device: torch.device, size: int = 2048, repeats: int = 8) -> float:
-    """The fp32 matrix-product rate of `device` right now, in GFLOP/s: a machine-speed probe.
-
-    Timings on a shared machine drift with its load; stored beside them, this says how fast the
-    machine was when they were taken.
-    """
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    a @ b  # warm-up
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    sync(device)
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+from . import cli
+from .allocator import keep_freed_memory
+from .machine import fp32_gemm_gflops, sync
 
 
 def measure(
@@ -321,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     if report_metrics.is_file():  # put the table into the report's summary page
+        from ..results import read_metrics
         from .report import write_summary
-        from .results import read_metrics
 
         notebooks = sorted(Path("notebooks").glob("[0-9][0-9]_*.ipynb"))
         write_summary(out.parent, notebooks, read_metrics(out.parent))
@@ -330,4 +309,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli.run(main))

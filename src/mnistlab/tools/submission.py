@@ -3,7 +3,7 @@
 The report document (report/report.pdf) is also put at the top level, PA2_<rollno>/report.pdf,
 where a grader looks first.
 
-python -m mnistlab.submission PA2_123.zip
+python -m mnistlab.tools.submission PA2_123.zip
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ INCLUDE = [
     "tests",
 ]
 SKIP_PARTS = {"__pycache__", ".ipynb_checkpoints", ".pytest_cache"}
-# mnistlab.document's PDF_NAME, not imported: that module pulls in torch, `make zip` needs none.
+# mnistlab.tools.document's PDF_NAME, not imported: that module pulls in torch, `make zip` needs none.
 PDF_NAME = "report.pdf"
 
 
@@ -52,6 +52,6 @@ def write_zip(target: Path, root: Path = Path(".")) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or not sys.argv[1].endswith(".zip"):
-        raise SystemExit("usage: python -m mnistlab.submission PA2_<rollno>.zip")
+        raise SystemExit("usage: python -m mnistlab.tools.submission PA2_<rollno>.zip")
     n = write_zip(Path(sys.argv[1]))
     print(f"wrote {sys.argv[1]} ({n} files)")

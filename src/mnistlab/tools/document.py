@@ -1,6 +1,6 @@
 """The submission document: report/report.pdf and report/report.html, built from one run's results.
 
-Written by `make report` (and `python -m mnistlab.report --summary-only`) from the report folder's
+Written by `make report` (and `python -m mnistlab.tools.report --summary-only`) from the report folder's
 metrics.json and figures/*.png. The assignment's questions come in its own order, each as a heading
 that quotes it, answered in a few sentences with its numbers and its figures directly beneath;
 engineering material (timings, benchmarks, the recipe search) is a short appendix at the end.
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .activations import TOP_FRACTION
-from .attacks import CONFIDENT
+from ..activations import TOP_FRACTION
+from ..attacks import CONFIDENT
 
 PDF_NAME, HTML_NAME = "report.pdf", "report.html"
 

@@ -1,7 +1,7 @@
 """`make colab-links`: point the README's Colab badges and every notebook's install cell at this
 repository, and write each notebook's GPU run time under its title.
 
-    python -m mnistlab.colab [--remote origin] [--branch main] [--check]
+    python -m mnistlab.tools.colab [--remote origin] [--branch main] [--check]
 
 pyproject.toml is the one source of truth: `[project.urls] Repository` (a GitHub https URL) and
 `[tool.mnistlab] colab_branch`. `--remote origin` first copies that remote's URL into pyproject

@@ -1,0 +1,43 @@
+"""The machine a run is measured on: its CPU's name and how fast it multiplies matrices now."""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+
+def cpu_name() -> str:
+    """The CPU model name (Linux), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work so that wall time measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fp32_gemm_gflops(device: torch.device, size: int = 2048, repeats: int = 8) -> float:
+    """The fp32 matrix-product rate of `device` right now, in GFLOP/s: a machine-speed probe.
+
+    Timings on a shared machine drift with its load; stored beside them, this says how fast the
+    machine was when they were taken.
+    """
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a @ b  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
