@@ -10,7 +10,7 @@ import pytest
 from papermill.exceptions import PapermillExecutionError
 
 from mnistlab.data import MNISTDataError
-from mnistlab.results import update_metrics
+from mnistlab.results import read_metrics, update_metrics
 from mnistlab.tools import cli, report
 from mnistlab.tools.allocator import MALLOC_ENV
 
@@ -136,3 +136,15 @@ def test_the_entry_points_end_a_known_error_with_its_message(capsys):
 
     with pytest.raises(KeyError):  # anything else keeps its traceback: it is a bug to see
         cli.run(bug)
+
+
+def test_a_rerun_of_one_notebook_keeps_the_full_runs_timing(fake_pipeline, tmp_path, monkeypatch):
+    probes = iter(range(1, 100))
+    monkeypatch.setattr(report, "fp32_gemm_gflops", lambda device: float(next(probes)))
+    assert fake_pipeline() == 0
+    full = read_metrics(tmp_path / "report")["timing"]
+    assert fake_pipeline("--only", "02") == 0
+    timing = read_metrics(tmp_path / "report")["timing"]
+    assert timing["report_seconds"] == full["report_seconds"]
+    assert timing["fp32_gemm_gflops"] == full["fp32_gemm_gflops"] == {"before": 1.0, "after": 2.0}
+    assert timing["reruns"] == {"02_second": {"fp32_gemm_gflops": {"before": 3.0, "after": 4.0}}}
