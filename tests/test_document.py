@@ -144,7 +144,7 @@ def test_numbers_agree_with_metrics(built):
     expected = {
         "1.1": [
             f"test set of 10,000 images: {pct(c['best']['test_accuracy'])}",
-            f"test accuracy is already {pct(c['first_epoch_test_accuracy'])}",
+            f"reaches {pct(c['first_epoch_test_accuracy'])} after that single epoch",
             f"{mean_sd(c['plain']['test_accuracy'])} for the plain network",
             f"{mean_sd(c['bn']['test_accuracy'])} with batch norm",
         ],
