@@ -209,8 +209,9 @@ def plot_feature_maps(
             ax.set_title(f"{name}: zeros {zeros:.0%}", fontsize=8)
             label_row(ax, f"{name}\n{channels} x {h}x{w}" if c == 0 else "")
         fig.colorbar(im, ax=axes[r, :], location="right", shrink=0.9, aspect=10)
+    kinds = " / ".join(dict.fromkeys(name.rstrip("0123456789") for name in names))
     fig.suptitle(
-        "Feature maps after every conv / BN / ReLU / pool layer, deeper going down "
+        f"Feature maps after every {kinds} layer, deeper going down "
         "(32 channels tiled 8 per row; one colour scale per layer)"
     )
     return fig

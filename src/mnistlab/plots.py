@@ -94,7 +94,12 @@ def confusion_matrix_figure(matrix: torch.Tensor) -> Figure:
                     ha="center",
                     va="center",
                     fontsize=7,
-                    color="tab:blue" if i == j else "black",
+                    # White on the darkest error cells, where black would not read.
+                    color="tab:blue"
+                    if i == j
+                    else "white"
+                    if off[i, j] > off.max() / 2
+                    else "black",
                 )
     ax.set(
         xticks=range(10),

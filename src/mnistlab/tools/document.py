@@ -1386,13 +1386,14 @@ def render_html(doc: Document) -> str:
                 )
                 out.append(f"<tr>{cells}</tr>")
             out.append("</table>")
-        for stem in s.figures:
+        for k, stem in enumerate(s.figures, start=1):
             path = doc.figure_dir / f"{stem}.png"
             data = base64.b64encode(path.read_bytes()).decode("ascii")
             width_px = round(figure_width_cm(path) / 2.54 * 96)  # CSS pixels are 1/96 inch
             out.append(
                 f"<figure><img src='data:image/png;base64,{data}' alt='{esc(stem)}' "
-                f"style='width:{width_px}px'><figcaption>figures/{esc(stem)}.png</figcaption></figure>"
+                f"style='width:{width_px}px'><figcaption>{esc(caption(s.key, k, stem))}</figcaption>"
+                "</figure>"
             )
     out.append("</html>\n")
     return "\n".join(out)
@@ -1454,14 +1455,19 @@ def render_typst(doc: Document) -> str:
                 f"#align(center, table(columns: {len(s.table.header)}, align: ({aligns},), "
                 f"table.header({header}), {body}))\n"
             )
-        for stem in s.figures:
+        for k, stem in enumerate(s.figures, start=1):
             width = figure_width_cm(doc.figure_dir / f"{stem}.png")
-            caption = f"figures/{stem}.png"
+            label = esc(caption(s.key, k, stem))
             out.append(
                 f'#block(breakable: false, width: 100%)[#align(center)[#image("figures/{stem}.png", '
-                f"width: {width}cm) #v(-0.4em) #text(size: 7pt, fill: luma(120))[{esc(caption)}]]]\n"
+                f"width: {width}cm) #v(-0.4em) #text(size: 7pt, fill: luma(120))[{label}]]]\n"
             )
     return "\n".join(out)
+
+
+def caption(key: str, number: int, stem: str) -> str:
+    """'Figure 3b.2 (figures/part3_targeted_cost.png)': the k-th figure of a question, and its file."""
+    return f"Figure {key}.{number} (figures/{stem}.png)"
 
 
 def compile_pdf(source: str, root: Path) -> bytes:
