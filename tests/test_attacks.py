@@ -402,3 +402,18 @@ def test_b_with_a_stop_rule_freezes_each_row_once_its_target_is_reached():
         torch.testing.assert_close(stopped.images[i], at_k.images[0])
     free = targeted_attack(model, images, targets, images, beta, step, 5)
     assert torch.equal(free.steps, torch.full((10,), 5))
+
+
+def test_refined_beta_sweep_adds_the_refinement_and_sorts_by_beta():
+    model = linear_model(scale=30.0)
+    start, goal = gaussian_start(10, 0.1, seed=5), digit_like(seed=6)
+    betas = [10_000.0, 0.0, 1000.0]  # unsorted on purpose; 1000 reaches all, 10,000 does not
+    rows, results = attacks.refined_beta_sweep(model, start, TARGETS, goal, betas, 0.05, 4, 2)
+    coarse, _ = attacks.beta_sweep(model, start, TARGETS, goal, betas, 0.05, 4)
+    finer = attacks.refine_betas(coarse, points=2)
+    assert finer  # the refinement is exercised
+    expected = sorted(betas + finer)
+    assert [r["beta"] for r in rows] == expected
+    for row, result in zip(rows, results, strict=True):
+        single = targeted_attack(model, start, TARGETS, goal, row["beta"], 0.05, 4)
+        assert torch.equal(single.images, result.images)

@@ -227,6 +227,31 @@ def beta_sweep(
     return rows, results
 
 
+def refined_beta_sweep(
+    model: nn.Module,
+    start: torch.Tensor,
+    targets: torch.Tensor,
+    target_images: torch.Tensor,
+    betas: Sequence[float],
+    step_size: float,
+    iterations: int,
+    refine_points: int,
+    **options,
+) -> tuple[list[dict[str, float]], list[AttackResult]]:
+    """`beta_sweep` over `betas`, then over `refine_betas`' values between them; sorted by beta.
+
+    `options` (judge, image_digits, stop_at) go to both sweeps.
+    """
+    args = (model, start, targets, target_images)
+    rows, results = beta_sweep(*args, betas, step_size, iterations, **options)
+    finer = refine_betas(rows, points=refine_points)
+    if finer:
+        more_rows, more_results = beta_sweep(*args, finer, step_size, iterations, **options)
+        rows, results = rows + more_rows, results + more_results
+    order = sorted(range(len(rows)), key=lambda k: rows[k]["beta"])
+    return [rows[k] for k in order], [results[k] for k in order]
+
+
 def beta_in_grey_levels(beta: float) -> float:
     """The same beta for the assignment's 0..255 pixels: its MSE is 255^2 times ours, so beta / 255^2.
 

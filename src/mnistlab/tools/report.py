@@ -31,7 +31,7 @@ from ..pipeline import CHECKPOINT_DIR_ENV
 from ..results import read_metrics, report_dir, update_metrics
 from . import cli
 from .allocator import MALLOC_ENV
-from .document import HTML_NAME, PDF_NAME, write_document
+from .document import HTML_NAME, PDF_NAME, pct, write_document
 from .machine import cpu_name, fp32_gemm_gflops
 
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
@@ -73,10 +73,6 @@ def to_html(executed: Path, target: Path) -> None:
         nbformat.read(executed, as_version=4)
     )
     target.write_text(body, encoding="utf-8")
-
-
-def pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
 def mean_std(values: list[float] | None, scale: float = 100.0, unit: str = "%") -> str:
