@@ -13,6 +13,7 @@ from mnistlab.data import MNISTDataError
 from mnistlab.results import read_metrics, update_metrics
 from mnistlab.tools import cli, report
 from mnistlab.tools.allocator import MALLOC_ENV
+from mnistlab.tools.document import DocumentError
 
 REPO = Path(__file__).parents[1]
 
@@ -130,6 +131,12 @@ def test_the_entry_points_end_a_known_error_with_its_message(capsys):
 
     assert cli.run(no_data) == 2
     assert capsys.readouterr().err == "error: /nowhere: no MNIST files; set MNIST_DIR\n"
+
+    def no_metric(argv):
+        raise DocumentError("metrics.json has no 'classification', which the report document needs")
+
+    assert cli.run(no_metric) == 2
+    assert "which the report document needs" in capsys.readouterr().err
 
     def bug(argv):
         raise KeyError("not a known error")

@@ -7,9 +7,11 @@ from collections.abc import Callable
 
 from ..checkpoint import CheckpointError
 from ..data import MNISTDataError
+from .document import DocumentError
 
-# Errors whose message already says what is wrong and what to do about it.
-KNOWN_ERRORS = (MNISTDataError, CheckpointError)
+# Errors whose message already says what is wrong and what to do about it (a report folder
+# without a metric or figure the document needs, e.g. after `--only` into a new folder).
+KNOWN_ERRORS = (MNISTDataError, CheckpointError, DocumentError)
 
 
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
