@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 from papermill.exceptions import PapermillExecutionError
 
 from mnistlab.data import MNISTDataError
@@ -14,6 +15,7 @@ from mnistlab.results import read_metrics, update_metrics
 from mnistlab.tools import cli, report
 from mnistlab.tools.allocator import MALLOC_ENV
 from mnistlab.tools.document import DocumentError
+from mnistlab.tools.machine import cpu_name, device_name
 
 REPO = Path(__file__).parents[1]
 
@@ -155,3 +157,8 @@ def test_a_rerun_of_one_notebook_keeps_the_full_runs_timing(fake_pipeline, tmp_p
     assert timing["report_seconds"] == full["report_seconds"]
     assert timing["fp32_gemm_gflops"] == full["fp32_gemm_gflops"] == {"before": 1.0, "after": 2.0}
     assert timing["reruns"] == {"02_second": {"fp32_gemm_gflops": {"before": 3.0, "after": 4.0}}}
+
+
+def test_the_device_is_named_one_way_in_what_the_tools_record():
+    assert device_name("cpu") == device_name(torch.device("cpu"))
+    assert device_name("cpu") == f"CPU ({cpu_name()}, {os.cpu_count()} cores)"

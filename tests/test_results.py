@@ -9,7 +9,7 @@ import zipfile
 import pytest
 import torch
 
-from mnistlab.results import read_metrics, update_metrics
+from mnistlab.results import markdown_table, mean_sd, read_metrics, update_metrics
 from mnistlab.tools import bench
 from mnistlab.tools.report import README_END, README_START, refresh_readme
 from mnistlab.tools.submission import write_zip
@@ -72,3 +72,20 @@ def test_benchmark_steps_train_on_the_same_data(mnist):
         {"naive": bench.naive_step(small, device)}, device, warmup=1, windows=2, n=2
     )
     assert rates["naive"] > 0
+
+
+def test_markdown_table_aligns_columns_and_refuses_a_bad_alignment():
+    table = markdown_table(["a", "b"], [(1, "x"), (22, "y")], "rl")
+    assert table.splitlines() == ["| a | b |", "|---:|---|", "| 1 | x |", "| 22 | y |"]
+    assert markdown_table(["a", "b"], []).splitlines()[1] == "|---|---|"
+    for bad in ("r", "rx"):
+        with pytest.raises(ValueError, match="one of l, r, c per column"):
+            markdown_table(["a", "b"], [], bad)
+
+
+def test_mean_sd_is_the_mean_and_sample_sd_of_the_values():
+    # mean 0.9941, sample sd sqrt(((4e-4)^2 + (5e-4)^2 + (1e-4)^2) / 2) = 4.58e-4 by hand.
+    assert mean_sd([0.9945, 0.9936, 0.9942]) == "99.41 ± 0.05%"
+    assert mean_sd([10.0, 12.0], 1, " s", 1) == "11.0 ± 1.4 s"  # sd = sqrt(2)
+    assert mean_sd([0.5]) == "50.00 ± 0.00%"
+    assert mean_sd([]) == mean_sd(None) == mean_sd([None]) == "n/a"

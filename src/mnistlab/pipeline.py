@@ -27,9 +27,9 @@ BEST_NAME = "best.pt"
 VAL_SIZE, SPLIT_SEED = 5_000, 0  # the validation split every notebook uses
 
 
-def checkpoint_dir(path: str | Path | None = None) -> Path:
-    """The checkpoint folder: `path`, else $MNISTLAB_CHECKPOINTS, else ./checkpoints."""
-    return Path(path or os.environ.get(CHECKPOINT_DIR_ENV) or "checkpoints")
+def checkpoint_dir(path: str | Path | None = None, default: str | Path = "checkpoints") -> Path:
+    """The checkpoint folder: `path`, else $MNISTLAB_CHECKPOINTS, else `default` (./checkpoints)."""
+    return Path(path or os.environ.get(CHECKPOINT_DIR_ENV) or default)
 
 
 def run_name(config: TrainConfig, tag: str = "") -> str:

@@ -9,6 +9,7 @@ import torch
 from matplotlib.figure import Figure
 
 from .model import LayerRow
+from .results import markdown_table
 
 
 def training_curves(
@@ -150,12 +151,18 @@ def seed_comparison(
 
 def layer_table_markdown(rows: Sequence[LayerRow]) -> str:
     """The layer table as a Markdown table."""
-    lines = ["| layer | type | input | output | parameters |", "|---|---|---|---|---:|"]
-    for r in rows:
-        shape_in = " x ".join(map(str, r.input_shape))
-        shape_out = " x ".join(map(str, r.output_shape))
-        lines.append(f"| {r.name} | {r.kind} | {shape_in} | {shape_out} | {r.params:,} |")
+    cells = [
+        (
+            r.name,
+            r.kind,
+            " x ".join(map(str, r.input_shape)),
+            " x ".join(map(str, r.output_shape)),
+            f"{r.params:,}",
+        )
+        for r in rows
+    ]
     # The network returns logits; the softmax is applied by the loss and by `predict`, never twice.
     classes = " x ".join(map(str, rows[-1].output_shape))
-    lines.append(f"| softmax | in the loss and in `predict` | {classes} | {classes} | 0 |")
-    return "\n".join(lines)
+    cells.append(("softmax", "in the loss and in `predict`", classes, classes, "0"))
+    header = ["layer", "type", "input", "output", "parameters"]
+    return markdown_table(header, cells, "llllr")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,8 +81,27 @@ def update_metrics(section: dict[str, Any], folder: str | Path | None = None) ->
     return path
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A Markdown table (for the notebooks' answers) from a header and rows of cells."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+MARKDOWN_ALIGN = {"l": "---", "r": "---:", "c": ":---:"}
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], align: str = "") -> str:
+    """A Markdown table from a header and rows of cells; `align`: one letter (l/r/c) per column."""
+    align = align or "l" * len(header)
+    if len(align) != len(header) or set(align) - set(MARKDOWN_ALIGN):
+        raise ValueError(f"align {align!r}: one of l, r, c per column ({len(header)} columns)")
+    rule = "|" + "".join(f"{MARKDOWN_ALIGN[a]}|" for a in align)
+    lines = ["| " + " | ".join(header) + " |", rule]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def mean_sd(
+    values: list[float | None], scale: float = 100.0, unit: str = "%", digits: int = 2
+) -> str:
+    """'mean ± sample sd' of a list: [0.9945, 0.9936, 0.9942] -> '99.41 ± 0.05%'; 'n/a' if empty."""
+    values = [v for v in values or [] if v is not None]
+    if not values:
+        return "n/a"
+    mean = statistics.fmean(values) * scale
+    sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}{unit}"

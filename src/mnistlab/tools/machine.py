@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from pathlib import Path
@@ -18,6 +19,14 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device | str) -> str:
+    """The device a run's timings were taken on: the GPU's name, or 'CPU (<model>, <n> cores)'."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({cpu_name()}, {os.cpu_count()} cores)"
 
 
 def sync(device: torch.device) -> None:

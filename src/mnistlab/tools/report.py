@@ -27,12 +27,12 @@ from unittest import mock
 from papermill.exceptions import PapermillExecutionError
 
 from ..checkpoint import library_versions
-from ..pipeline import CHECKPOINT_DIR_ENV
-from ..results import read_metrics, report_dir, update_metrics
+from ..pipeline import CHECKPOINT_DIR_ENV, checkpoint_dir
+from ..results import markdown_table, mean_sd, read_metrics, report_dir, update_metrics
 from . import cli
 from .allocator import MALLOC_ENV
 from .document import HTML_NAME, PDF_NAME, pct, write_document
-from .machine import cpu_name, fp32_gemm_gflops
+from .machine import device_name, fp32_gemm_gflops
 
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 # Written by other commands (make bench, the recipe search, a GPU run) and read by the summary:
@@ -75,16 +75,6 @@ def to_html(executed: Path, target: Path) -> None:
     target.write_text(body, encoding="utf-8")
 
 
-def mean_std(values: list[float] | None, scale: float = 100.0, unit: str = "%") -> str:
-    if not values:
-        return "n/a"
-    import statistics
-
-    mean = statistics.fmean(values) * scale
-    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{mean:.2f} +- {std:.2f}{unit} (n={len(values)})"
-
-
 def results_table(m: dict[str, Any]) -> str:
     """The headline results as a Markdown table, read from metrics.json."""
     c = m.get("classification", {})
@@ -109,17 +99,18 @@ def results_table(m: dict[str, Any]) -> str:
             f"test accuracy {pct(best.get('test_accuracy'))}",
         ),
         (
-            f"Plain CNN test accuracy ({c.get('config', {}).get('epochs', '?')}-epoch study)",
-            mean_std(c.get("plain", {}).get("test_accuracy")),
+            f"Plain CNN test accuracy ({c.get('config', {}).get('epochs', '?')}-epoch study, "
+            f"mean ± sd over {len(c.get('seeds', []))} seeds)",
+            mean_sd(c.get("plain", {}).get("test_accuracy")),
         ),
         (
             "With batch norm test accuracy (same study)",
-            mean_std(c.get("bn", {}).get("test_accuracy")),
+            mean_sd(c.get("bn", {}).get("test_accuracy")),
         ),
         (
             "Seconds per epoch, plain / BN",
-            f"{mean_std(c.get('plain', {}).get('seconds_per_epoch'), 1, ' s')} / "
-            f"{mean_std(c.get('bn', {}).get('seconds_per_epoch'), 1, ' s')}",
+            f"{mean_sd(c.get('plain', {}).get('seconds_per_epoch'), 1, ' s')} / "
+            f"{mean_sd(c.get('bn', {}).get('seconds_per_epoch'), 1, ' s')}",
         ),
         (
             "Test accuracy after one epoch" + one_epoch_recipe(c.get("first_epoch_config")),
@@ -161,7 +152,7 @@ def results_table(m: dict[str, Any]) -> str:
                 + (f"; {note}" if (note := gemm_note(timing.get("fp32_gemm_gflops"))) else ""),
             )
         )
-    return "| result | value |\n|---|---|\n" + "\n".join(f"| {k} | {val} |" for k, val in rows)
+    return markdown_table(["result", "value"], rows)
 
 
 def one_epoch_recipe(config: dict[str, Any] | None) -> str:
@@ -193,11 +184,19 @@ def bench_table(b: dict[str, Any]) -> str:
         [
             f"## Training throughput (`make bench`, {b['device']}, torch {b['torch']})",
             "",
-            "| pipeline | images/s |",
-            "|---|---:|",
-            f"| project (in-memory tensors, {precision}, channels_last={b['channels_last']}) | {t['project']:,.0f} |",
-            f"| naive fp32 eager, same tensors | {t['naive_fp32']:,.0f} |",
-            f"| DataLoader + per-sample ToTensor/Normalize | {t['dataloader']:,.0f} |",
+            markdown_table(
+                ["pipeline", "images/s"],
+                [
+                    (
+                        f"project (in-memory tensors, {precision}, "
+                        f"channels_last={b['channels_last']})",
+                        f"{t['project']:,.0f}",
+                    ),
+                    ("naive fp32 eager, same tensors", f"{t['naive_fp32']:,.0f}"),
+                    ("DataLoader + per-sample ToTensor/Normalize", f"{t['dataloader']:,.0f}"),
+                ],
+                "lr",
+            ),
             "",
             f"Project vs naive: {r['vs_naive']:.2f}x; vs DataLoader: {r['vs_dataloader']:.2f}x. "
             + (
@@ -231,16 +230,12 @@ def epoch_lines(epochs: dict[str, Any]) -> list[str]:
         "plain_no_graphs": "plain, no CUDA graphs (a launch per kernel)",
     }
     n = len(next(iter(epochs.values()))["seconds_per_epoch"])
-    lines = [
-        "",
-        f"| default run ({n} epochs) | median s/epoch | test accuracy |",
-        "|---|---:|---:|",
-    ]
-    lines += [
-        f"| {names.get(k, k)} | {e['median_seconds_per_epoch']:.2f} | {pct(e['test_accuracy'])} |"
+    rows = [
+        (names.get(k, k), f"{e['median_seconds_per_epoch']:.2f}", pct(e["test_accuracy"]))
         for k, e in epochs.items()
     ]
-    return lines
+    header = [f"default run ({n} epochs)", "median s/epoch", "test accuracy"]
+    return ["", markdown_table(header, rows, "lrr")]
 
 
 def recipe_table(path: Path) -> str:
@@ -255,17 +250,19 @@ def recipe_table(path: Path) -> str:
         "Mean best validation accuracy over seeds (5,000 held-out training images; the test set",
         "is never evaluated in the search). Overrides are relative to `TrainConfig`'s fields.",
         "",
-        "| candidate | overrides | validation accuracy | runs |",
-        "|---|---|---:|---:|",
     ]
     overrides = {r["candidate"]: r["overrides"] for r in runs}
-    for row in rank(runs):
-        text = ", ".join(f"{k}={v}" for k, v in overrides[row["candidate"]].items())
-        lines.append(
-            f"| {row['candidate']} | {text} | {100 * row['mean_val_accuracy']:.2f} +- "
-            f"{100 * row['std_val_accuracy']:.2f}% | {row['runs']} |"
+    rows = [
+        (
+            row["candidate"],
+            ", ".join(f"{k}={v}" for k, v in overrides[row["candidate"]].items()),
+            f"{100 * row['mean_val_accuracy']:.2f} ± {100 * row['std_val_accuracy']:.2f}%",
+            row["runs"],
         )
-    return "\n".join(lines)
+        for row in rank(runs)
+    ]
+    header = ["candidate", "overrides", "validation accuracy", "runs"]
+    return "\n".join([*lines, markdown_table(header, rows, "llrr")])
 
 
 def write_summary(out: Path, notebooks: list[Path], metrics: dict[str, Any]) -> None:
@@ -367,8 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # The report trains into a folder of its own, so a full run, which starts from no model,
     # clears only checkpoints it wrote itself; a folder the user names is never cleared.
-    named = args.checkpoints or os.environ.get(CHECKPOINT_DIR_ENV)
-    checkpoints = Path(named or Path("build") / f"{out.name}-checkpoints").resolve()
+    own = (Path("build") / f"{out.name}-checkpoints").resolve()
+    checkpoints = checkpoint_dir(args.checkpoints, default=own).resolve()
+    named = checkpoints != own
     if not args.keep_checkpoints and not args.only:
         found = sorted(checkpoints.glob("*.pt"))
         if found and named:
@@ -402,7 +400,6 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint_dir": relative_to_cwd(checkpoints),
         "progress": False,
     }
-    import torch
 
     from ..train import default_device
 
@@ -436,18 +433,13 @@ def main(argv: list[str] | None = None) -> int:
         timing["reruns"] = {stem: {"fp32_gemm_gflops": gemm} for stem in seconds}
     else:
         timing |= {"report_seconds": total, "fp32_gemm_gflops": gemm}
-    device = (
-        torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else f"CPU ({cpu_name()}, {os.cpu_count()} cores)"
-    )
     update_metrics(
         {
             "timing": timing,
             "quick": args.quick,
             "environment": {
                 **library_versions(),
-                "device": device,
+                "device": device_name(probe_device),
                 "platform": platform.platform(),
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             },
