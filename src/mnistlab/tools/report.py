@@ -27,7 +27,7 @@ from unittest import mock
 from papermill.exceptions import PapermillExecutionError
 
 from ..checkpoint import library_versions
-from ..pipeline import CHECKPOINT_DIR_ENV, checkpoint_dir
+from ..pipeline import CHECKPOINT_DIR_ENV, VAL_SIZE, checkpoint_dir
 from ..results import markdown_table, mean_sd, read_metrics, report_dir, update_metrics
 from . import cli
 from .allocator import MALLOC_ENV
@@ -247,7 +247,7 @@ def recipe_table(path: Path) -> str:
     lines = [
         f"## How the training recipe was chosen (`python -m mnistlab.tools.recipes`, {', '.join(devices)})",
         "",
-        "Mean best validation accuracy over seeds (5,000 held-out training images; the test set",
+        f"Mean best validation accuracy over seeds ({VAL_SIZE:,} held-out training images; the test set",
         "is never evaluated in the search). Overrides are relative to `TrainConfig`'s fields.",
         "",
     ]

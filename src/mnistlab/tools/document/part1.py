@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from ...pipeline import VAL_SIZE
 from ...results import mean_sd
 from ...verdicts import NOISE_T, welch_reading
 from .helpers import (
@@ -45,7 +46,8 @@ def section_1_1(m: dict[str, Any]) -> Section:
             f"batch {need(config, 'batch_size')}, random shifts of up to "
             f"{need(config, 'max_shift')} px; each run keeps the weights of its best validation "
             "check. Every choice is made on a validation split carved from the training images "
-            "(5,000 of them); the test set only reports. One exception is stated in the notebook: "
+            f"({count(VAL_SIZE)} of them); the test set only reports. One exception is stated in "
+            "the notebook: "
             "the final-model rule (the better variant's recipe, trained longer) replaced an "
             "earlier one (the single run with the best validation accuracy) after a run had shown "
             "both candidates' test accuracies; here the earlier rule would have picked "
