@@ -17,7 +17,7 @@ from mnistlab.activations import (
     nearest_centroid_accuracy,
     plot_activation_statistics,
     plot_feature_maps,
-    receptive_fields,
+    receptive_field,
     top_mass_share,
 )
 
@@ -36,7 +36,7 @@ def test_feature_maps_are_the_layer_outputs(variant):
     before_relu = maps["bn1" if variant == "bn" else "conv1"]
     assert torch.equal(maps["relu1"], before_relu.clamp_min(0))
     assert torch.equal(maps["pool1"], F.max_pool2d(maps["relu1"], 2))
-    assert receptive_fields(model)["pool2"] == 10 and receptive_fields(model)["conv2"] == 8
+    assert receptive_field(model, "pool2").size == 10 and receptive_field(model, "conv2").size == 8
 
 
 def test_top_mass_share_on_flat_peaked_and_empty_maps():

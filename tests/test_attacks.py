@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import linear_model
+from helpers import TARGETS, cnn, digit_like, linear_model
 from torch import nn
 
 from mnistlab import attacks
+from mnistlab.attack_analysis import pgd_minimal_radius, transfer_table
 from mnistlab.attacks import (
     CONFIDENT,
     GREY_128,
@@ -16,38 +17,9 @@ from mnistlab.attacks import (
     gaussian_start,
     generate_digit,
     mse_per_image,
-    nearest_mse,
     noise_attack,
-    one_per_class,
-    perturbation_norms,
-    pgd_minimal_radius,
     targeted_attack,
-    transfer_rates,
-    transfer_table,
 )
-from mnistlab.model import MnistCNN
-
-TARGETS = torch.arange(10)
-
-
-def cnn(variant: str = "bn", seed: int = 0) -> MnistCNN:
-    torch.manual_seed(seed)
-    model = MnistCNN(variant)
-    if variant == "bn":  # non-trivial running statistics, so a train-mode pass would change them
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
-                    m.running_mean.uniform_(-0.1, 0.1)
-                    m.running_var.uniform_(0.5, 1.5)
-    return model
-
-
-def digit_like(n: int = 10, seed: int = 0) -> torch.Tensor:
-    """Sparse bright strokes on black, like MNIST, in [0, 1]."""
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(n, 1, 28, 28, generator=g) > 0.8).float() * torch.rand(
-        n, 1, 28, 28, generator=g
-    )
 
 
 def run_every_attack(model: nn.Module, images: torch.Tensor, other: torch.Tensor) -> None:
@@ -55,7 +27,7 @@ def run_every_attack(model: nn.Module, images: torch.Tensor, other: torch.Tensor
     targeted_attack(model, images, TARGETS, other, beta=10.0, step_size=0.01, iterations=3)
     noise_attack(model, images, TARGETS, max_iterations=3)
     pgd_minimal_radius(model, images, TARGETS, radii=[0.05, 0.1], iterations=3)
-    pgd_minimal_radius(model, images, TARGETS, radii=[0.5], norm="L2", iterations=3)
+    pgd_minimal_radius(model, images, TARGETS, radii=[0.5], norm="l2", iterations=3)
     transfer_table(model, images, images - other)
 
 
@@ -190,90 +162,6 @@ def test_costs_increase_and_pixels_stay_in_range(kind):
     assert result.images.min() >= 0.0 and result.images.max() <= 1.0
     if kind == "c":
         torch.testing.assert_close(result.images, goal + result.noise)
-
-
-def test_pgd_minimal_radius_finds_the_smallest_successful_radius():
-    model = linear_model(scale=5.0)
-    images = digit_like()
-    for norm, radii in (("Linf", [0.02, 0.05, 0.1, 0.2, 0.4, 0.8]), ("L2", [0.5, 1.0, 2.0, 4.0])):
-        delta, radius = pgd_minimal_radius(model, images, TARGETS, radii, norm, iterations=30)
-        solved = ~radius.isnan()
-        assert solved.sum() >= 5, norm
-        assert delta[~solved].isnan().all()
-        size = perturbation_norms(delta[solved])["linf" if norm == "Linf" else "l2"]
-        assert (size <= radius[solved] + 1e-5).all(), norm
-        adv = (images + delta)[solved]
-        assert adv.min() >= 0.0 and adv.max() <= 1.0
-        probs = model(adv).softmax(1).gather(1, TARGETS[solved][:, None])[:, 0]
-        assert (probs >= CONFIDENT).all()
-        # The radius is the first of the grid that works: one grid step smaller fails.
-        for i in solved.nonzero()[:, 0].tolist():
-            smaller = [r for r in radii if r < radius[i]]
-            if smaller:
-                _, r = pgd_minimal_radius(
-                    model, images[i : i + 1], TARGETS[i : i + 1], smaller, norm, iterations=30
-                )
-                assert r.isnan().all(), (norm, i)
-
-
-def test_one_pgd_step_against_the_closed_form():
-    """On a linear model the cross-entropy gradient is W^T (softmax - onehot): one step, exactly."""
-    model = linear_model()
-    x0 = torch.full((10, 1, 28, 28), 0.5)
-    weight = model[1].weight.detach()
-    with torch.no_grad():
-        probs = model(x0).softmax(1)
-    grad = ((probs - torch.eye(10)) @ weight).view(10, 1, 28, 28)
-    radius = 0.01  # Madry's step is 2.5 radius, so one step ends on the boundary of the ball
-    with frozen_eval(model):
-        l2 = attacks.targeted_pgd_l2(model, x0, TARGETS, radius, iterations=1)
-    unit = grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-    torch.testing.assert_close(l2 - x0, -radius * unit, rtol=1e-4, atol=1e-7)
-    delta, r = pgd_minimal_radius(model, x0, TARGETS, [radius], "Linf", iterations=1, confidence=0)
-    torch.testing.assert_close(delta, -radius * grad.sign())
-    assert torch.equal(r, torch.full((10,), radius))
-
-
-def test_transfer_table_matches_one_image_at_a_time():
-    model = cnn("plain", seed=2)
-    images, noises = digit_like(10, seed=5), 0.3 * torch.randn(10, 1, 28, 28)
-    predicted, clean = transfer_table(model, images, noises)
-    model.eval()
-    with torch.no_grad():
-        for i in range(10):
-            assert clean[i] == model(images[i : i + 1]).argmax()
-            for j in range(10):
-                noisy = (images[i] + noises[j]).clamp(0, 1)[None]
-                assert predicted[i, j] == model(noisy).argmax()
-
-
-def test_transfer_rates_on_a_hand_built_table():
-    labels = torch.tensor([0, 1])
-    clean = torch.tensor([0, 2])  # image 1 is misclassified when clean
-    targets = torch.tensor([0, 1, 2])
-    predicted = torch.tensor([[0, 1, 0], [2, 2, 2]])
-    rates = transfer_rates(predicted, clean, labels, targets)
-    # eligible pairs (label != target): (0,1) (0,2) (1,0) (1,2); reached: (0,1) and (1,2)
-    assert rates["target_rate"] == pytest.approx(2 / 4)
-    assert rates["changed_rate"] == pytest.approx(1 / 6)  # only (0,1) changed
-
-
-def test_nearest_mse_against_brute_force():
-    images, reference = torch.rand(3, 1, 28, 28), torch.rand(25, 1, 28, 28)
-    expected = torch.stack(
-        [mse_per_image(img[None].expand_as(reference), reference).min() for img in images]
-    )
-    torch.testing.assert_close(nearest_mse(images, reference, chunk=7), expected)
-
-
-def test_one_per_class_is_seeded():
-    labels = torch.arange(100) % 10
-    first = one_per_class(labels, seed=0)
-    assert torch.equal(labels[first], torch.arange(10))
-    assert torch.equal(first, one_per_class(labels, seed=0))
-    assert not torch.equal(first, one_per_class(labels, seed=1))
-    with pytest.raises(ValueError):
-        one_per_class(labels[labels != 3], seed=0)
 
 
 def test_beta_refinement_and_choice_on_a_hand_built_sweep():

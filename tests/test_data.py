@@ -7,7 +7,13 @@ import shutil
 import pytest
 import torch
 
-from mnistlab.data import MNISTDataError, load_folder, load_mnist, validation_split
+from mnistlab.data import (
+    MNISTDataError,
+    load_folder,
+    load_mnist,
+    one_per_class,
+    validation_split,
+)
 
 
 def test_real_mnist_shapes_range_and_labels(mnist):
@@ -164,3 +170,13 @@ def test_shared_files_match_their_checksums(mnist_dir):
     for line in sums.read_text().splitlines():
         digest, name = line.split()
         assert hashlib.sha256((mnist_dir / name.lstrip("*")).read_bytes()).hexdigest() == digest
+
+
+def test_one_per_class_is_seeded():
+    labels = torch.arange(100) % 10
+    first = one_per_class(labels, seed=0)
+    assert torch.equal(labels[first], torch.arange(10))
+    assert torch.equal(first, one_per_class(labels, seed=0))
+    assert not torch.equal(first, one_per_class(labels, seed=1))
+    with pytest.raises(ValueError):
+        one_per_class(labels[labels != 3], seed=0)

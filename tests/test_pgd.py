@@ -1,4 +1,5 @@
-"""FGSM and PGD: bounds, exact answers on linear models, captum as an oracle, the safety rules."""
+"""FGSM and PGD (L-inf and L2): bounds, exact answers on linear models, captum and hand-written
+references as oracles, the safety rules."""
 
 from __future__ import annotations
 
@@ -8,8 +9,16 @@ import torch.nn.functional as F
 from captum.robust import FGSM, PGD
 from torch import nn
 
-from mnistlab.model import MnistCNN
-from mnistlab.pgd import attack_objective, attack_succeeded, fgsm, pgd, project
+from mnistlab.model import MnistCNN, frozen_eval
+from mnistlab.pgd import (
+    attack_objective,
+    attack_succeeded,
+    fgsm,
+    pgd,
+    project,
+    project_l2,
+    random_start,
+)
 
 # captum's FGSM warns when it switches on requires_grad for the input it was given. The oracle
 # tests hand captum the same plain tensors our attacks take, after our attacks have run.
@@ -56,6 +65,35 @@ def test_pgd_stays_in_the_eps_ball_and_the_pixel_range(eps, targeted):
     assert adv.dtype == torch.float32 and adv.shape == x.shape
 
 
+@pytest.mark.parametrize("early_stop", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 0.5, 3.0])
+def test_l2_pgd_stays_in_the_eps_ball_and_the_pixel_range(eps, early_stop):
+    x, y = images(), labels()
+    x[:4] = 0.0
+    x[4:8] = 1.0
+    adv = pgd(cnn(), x, y, eps, steps=5, restarts=2, early_stop=early_stop, norm="l2")
+    assert ((adv - x).flatten(1).norm(dim=1) <= eps + 1e-5).all()
+    assert adv.min() >= 0.0 and adv.max() <= 1.0
+    assert adv.dtype == torch.float32 and adv.shape == x.shape
+
+
+def test_l2_random_start_is_inside_the_ball_and_seeded():
+    x = images(64, low=0.4, high=0.6)  # far enough from 0 and 1 that clamping never bites
+    start = random_start(x, 0.5, torch.Generator().manual_seed(1), "l2")
+    size = (start - x).flatten(1).norm(dim=1)
+    assert (size <= 0.5 + 1e-5).all() and (size > 0.4).all()  # in 784 dimensions: near the rim
+    assert torch.equal(start, random_start(x, 0.5, torch.Generator().manual_seed(1), "l2"))
+
+
+def test_project_l2_scales_onto_the_ball_and_leaves_the_inside_alone():
+    x = torch.full((2, 1, 2, 2), 0.5)
+    x_adv = x + torch.tensor([0.3, 0.0, 0.4, 0.0]).view(1, 1, 2, 2)  # ||delta|| = 0.5
+    x_adv = torch.cat([x_adv[:1], x[1:] + 0.05])  # second: ||delta|| = 0.1, inside
+    out = project_l2(x_adv, x, 0.25)
+    torch.testing.assert_close(out[0] - x[0], (x_adv[0] - x[0]) / 2)
+    torch.testing.assert_close(out[1], x_adv[1])
+
+
 def test_fgsm_stays_in_the_eps_ball_and_the_pixel_range():
     x, y = images(), labels()
     adv = fgsm(cnn(), x, y, 0.2)
@@ -95,6 +133,68 @@ def test_pgd_matches_captum_without_random_start(eps, targeted):
         x, radius=eps, step_size=0.01, step_num=10, target=y, targeted=targeted
     )
     assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+@pytest.mark.filterwarnings(CAPTUM_SETS_REQUIRES_GRAD)
+@pytest.mark.parametrize("targeted", [False, True])
+def test_pgd_matches_captum_on_a_cnn(targeted):
+    # The use in attack_analysis.pgd_minimal_radius: no random start, Madry's step 2.5 eps / steps,
+    # last iterate. captum leaves pixels with |gradient| <= 1e-6 unmoved (zero_thresh); ours steps
+    # along sign() everywhere, so the oracle is run with that threshold at 0.
+    model, x, y = cnn(), images(10, low=0.1, high=0.9), labels(10)
+    eps, steps = 0.1, 10
+    ours = pgd(model, x, y, eps, steps, random_init=False, targeted=targeted, early_stop=False)
+    loss = nn.CrossEntropyLoss(reduction="none")
+    reference = PGD(model, loss, lower_bound=0.0, upper_bound=1.0)
+    reference.fgsm.zero_thresh = 0.0
+    with frozen_eval(model):
+        theirs = reference.perturb(
+            x, radius=eps, step_size=2.5 * eps / steps, step_num=steps, target=y, targeted=targeted
+        )
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        assert torch.equal(model(ours).argmax(1), model(theirs).argmax(1))
+
+
+def l2_pgd_reference(model, x0, y, eps, steps, targeted):
+    """PGD in the L2 ball written out: x -/+ step * g / ||g||, radial projection, clamp [0, 1]."""
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    step, x = 2.5 * eps / steps, x0.clone()
+    for _ in range(steps):
+        x.requires_grad_(True)
+        (g,) = torch.autograd.grad(loss_fn(model(x), y).sum(), x)
+        g = g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        x = x.detach() + (-step if targeted else step) * g
+        delta = x - x0
+        delta = delta * (eps / delta.flatten(1).norm(dim=1)).clamp(max=1.0).view(-1, 1, 1, 1)
+        x = (x0 + delta).clamp(0.0, 1.0)
+    return x
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+@pytest.mark.parametrize("eps", [0.3, 2.0])
+def test_l2_pgd_matches_a_written_out_reference(eps, targeted):
+    model, x, y = cnn(), images(10, low=0.1, high=0.9), labels(10)
+    ours = pgd(
+        model, x, y, eps, 10, random_init=False, targeted=targeted, early_stop=False, norm="l2"
+    )
+    with frozen_eval(model):
+        theirs = l2_pgd_reference(model, x, y, eps, 10, targeted)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_one_l2_step_against_the_closed_form():
+    """Two-class linear model, CE gradient (p - onehot) W: one full step lands on the sphere."""
+    model, x = linear_model(classes=2), torch.full((8, 1, 28, 28), 0.5)
+    y = labels(8) % 2
+    with torch.no_grad():
+        p = model(x).softmax(1)
+    w = model[1].weight.detach()
+    grad = ((p - F.one_hot(y, 2)) @ w).view_as(x)
+    unit = grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    eps = 0.2  # 2.5 eps in one step is cut back to eps by the projection; no pixel hits 0 or 1
+    adv = pgd(model, x, y, eps, steps=1, random_init=False, early_stop=False, norm="l2")
+    torch.testing.assert_close(adv - x, eps * unit, rtol=1e-4, atol=1e-7)
 
 
 def test_on_two_class_linear_models_fgsm_is_optimal_and_pgd_finds_the_same_loss():
@@ -208,3 +308,5 @@ def test_bad_arguments_are_refused():
         pgd(cnn(), x.double(), y, 0.1)
     with pytest.raises(ValueError):
         pgd(cnn(), x, y, -0.1)
+    with pytest.raises(ValueError, match="norm"):
+        pgd(cnn(), x, y, 0.1, norm="l1")

@@ -1,5 +1,8 @@
 """Part 2 (b): feature maps after every layer, and what changes going deeper.
 
+Each layer's receptive field (the input square one position sees) is derived analytically here;
+the optional part's single-neuron images (`feature_images`) are drawn inside it.
+
 Every measurement runs in fp32 (autocast off), in eval mode, without gradients, and leaves the
 model's mode as it found it; figure functions return a matplotlib Figure built without pyplot.
 """
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -52,18 +56,41 @@ def feature_maps(
     return {name: outputs[name] for name in layers}
 
 
-def receptive_fields(model: nn.Module) -> dict[str, int]:
-    """Side of the input square (pixels) that one position of each feature layer can see."""
-    size, jump, fields = 1, 1, {}
-    modules = dict(model.layers.named_children())
-    for name in feature_layers(model):
-        layer = modules[name]
-        if isinstance(layer, nn.Conv2d | nn.MaxPool2d):
-            k = layer.kernel_size if isinstance(layer.kernel_size, int) else layer.kernel_size[0]
-            s = layer.stride if isinstance(layer.stride, int) else layer.stride[0]
-            size, jump = size + (k - 1) * jump, jump * s
-        fields[name] = size
-    return fields
+@dataclass(frozen=True)
+class ReceptiveField:
+    """How one position of a feature map sees the input: side `size`, stride `jump`, first centre."""
+
+    size: int
+    jump: int
+    first_centre: float  # input coordinate of the centre of output position 0
+
+    def box(self, position: tuple[int, int], image_size: int = 28) -> tuple[int, int, int, int]:
+        """(row0, row1, col0, col1), half-open, of the input pixels `position` sees, clipped."""
+        bounds = []
+        for p in position:
+            lo = math.ceil(self.first_centre + p * self.jump - (self.size - 1) / 2)
+            bounds += [max(lo, 0), min(lo + self.size, image_size)]
+        return bounds[0], bounds[1], bounds[2], bounds[3]
+
+
+def receptive_field(model: nn.Module, layer: str) -> ReceptiveField:
+    """Receptive field of `layer`, derived analytically from its kernels, strides and paddings.
+
+    r_out = r_in + (k - 1) j_in;  j_out = j_in s;  centre_out = centre_in + ((k - 1) / 2 - p) j_in.
+    """
+    size, jump, first = 1, 1, 0.0
+    for name, module in model.layers.named_children():
+        if isinstance(module, nn.Conv2d | nn.MaxPool2d):
+            k, s, p = (
+                v if isinstance(v, int) else v[0]
+                for v in (module.kernel_size, module.stride, module.padding)
+            )
+            first += ((k - 1) / 2 - p) * jump
+            size += (k - 1) * jump
+            jump *= s
+        if name == layer:
+            return ReceptiveField(size, jump, first)
+    raise ValueError(f"no layer {layer!r} in model.layers")
 
 
 def top_mass_share(maps: torch.Tensor, fraction: float = TOP_FRACTION) -> torch.Tensor:
@@ -85,7 +112,6 @@ def activation_statistics(
 ) -> dict[str, dict[str, object]]:
     """Per feature layer, measured over `images`: shape, receptive field, fraction of exact zeros,
     fraction of all-zero maps, and localisation (top-10% mass share, mean over non-zero maps)."""
-    fields = receptive_fields(model)
     sums: dict[str, dict[str, float]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for start in range(0, len(images), batch_size):
@@ -107,7 +133,7 @@ def activation_statistics(
         stats[name] = {
             "channels": c,
             "resolution": [h, w],
-            "receptive_field": fields[name],
+            "receptive_field": receptive_field(model, name).size,
             "zero_fraction": acc["zeros"] / acc["values"],
             "dead_map_fraction": acc["dead"] / acc["maps"],
             "top10_mass_share": acc["top"] / live if live else float("nan"),
@@ -166,6 +192,15 @@ def mosaic(tiles: torch.Tensor, ncols: int, gap: int = 1) -> np.ndarray:
         r, c = divmod(i, ncols)
         out[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = tiles[i]
     return out
+
+
+def show_mosaic(ax, tiles: torch.Tensor, ncols: int, gap: int = 1, **imshow):
+    """Draw a mosaic on `ax` (grey gaps, no ticks); return the image and the tile pitch (h, w)."""
+    image = ax.imshow(mosaic(tiles, ncols, gap), interpolation="nearest", **imshow)
+    ax.set_facecolor("0.75")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return image, (tiles.shape[1] + gap, tiles.shape[2] + gap)
 
 
 def plot_feature_maps(

@@ -15,20 +15,21 @@ Conventions shared by every attack here:
   everything is restored afterwards (`frozen_eval`); gradients are taken only w.r.t. the image or
   the noise (`torch.autograd.grad`), so no parameter ever receives a gradient;
 - input tensors are never modified in place.
+
+FGSM and PGD live in `pgd`; what is measured around these attacks (the image pairs, targeted PGD
+as a reference for (c), how far the noises carry over) in `attack_analysis`.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from captum.robust import PGD
 from torch import nn
 
 from .model import GREY_128, GREY_LEVEL, frozen_eval
+from .pgd import check_batch
 
 CONFIDENT = 0.99  # an attack "reaches" its target when softmax(target) >= this (and is the argmax)
 STD_EPS = 1e-8  # the assignment's epsilon in alpha = 1 / (d.std() + 1e-8)
@@ -71,16 +72,6 @@ def gaussian_start(
     return noise.clamp_(0.0, 1.0).to(device)
 
 
-def _check_batch(images: torch.Tensor, targets: torch.Tensor) -> None:
-    if images.dim() != 4 or targets.shape != (len(images),):
-        raise ValueError(
-            f"expected images (N, C, H, W) and targets (N,), got {tuple(images.shape)} and "
-            f"{tuple(targets.shape)}"
-        )
-    if images.dtype != torch.float32:
-        raise TypeError(f"attacks run in fp32; got images of dtype {images.dtype}")
-
-
 def _target_logits(
     model: nn.Module, x: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +93,7 @@ def _image_ascent(
 
     With `stop_at`, a row stops (its image is frozen) once softmax(target) >= stop_at, as in (c).
     """
-    _check_batch(start, targets)
+    check_batch(start, targets)
     x = start.detach().clone()
     active = torch.ones_like(targets, dtype=torch.bool)
     steps = torch.zeros_like(targets)
@@ -163,7 +154,7 @@ def targeted_attack(
     `stop_at`, each row stops once softmax(target) >= stop_at (for a start that is already close,
     such as the target image itself, so the picture changes no more than it must).
     """
-    _check_batch(target_images, targets)
+    check_batch(target_images, targets)
     goal = target_images.detach()
     if isinstance(beta, torch.Tensor):
         beta = beta.detach().to(goal)
@@ -327,7 +318,7 @@ def noise_attack(
     the same update is followed by clipping the noise to [-max_linf, max_linf] (the L-infinity
     ball of that radius, [0, 1] scale), which asks how far the procedure gets within a budget.
     """
-    _check_batch(images, targets)
+    check_batch(images, targets)
     if max_linf is not None and max_linf <= 0:
         raise ValueError(f"max_linf must be positive, got {max_linf}")
     x = images.detach()
@@ -359,153 +350,7 @@ def noise_attack(
     )
 
 
-def _cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-row cross-entropy: the loss a targeted PGD lowers."""
-    return F.cross_entropy(logits, target, reduction="none")
-
-
-def _captum_pgd_linf(
-    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, radius: float, iterations: int
-) -> torch.Tensor:
-    """captum's targeted L-infinity PGD, steps of 2.5 * radius / iterations (Madry's rule)."""
-    pgd = PGD(model, _cross_entropy, lower_bound=0.0, upper_bound=1.0)
-    with warnings.catch_warnings():  # captum notes that it sets requires_grad on its own copy
-        warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require")
-        return pgd.perturb(
-            images.clone(),
-            radius=radius,
-            step_size=2.5 * radius / iterations,
-            step_num=iterations,
-            target=targets,
-            targeted=True,
-            norm="Linf",
-        )
-
-
-def targeted_pgd_l2(
-    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, radius: float, iterations: int
-) -> torch.Tensor:
-    """Targeted PGD in the L2 ball of `radius` around `images` (Madry et al. 2018), [0, 1] scale.
-
-    x <- x - step * g / ||g||_2 with g the gradient of the target's cross-entropy and step =
-    2.5 * radius / iterations, then projection onto the ball and clamping to [0, 1]. (captum's
-    PGD takes signed-gradient steps for its L2 variant too, an L-infinity step that wastes most
-    of an L2 budget; this is the usual normalised-gradient L2 step.) Call inside `frozen_eval`.
-    """
-    x0 = images.detach()
-    x = x0.clone()
-    step = 2.5 * radius / iterations
-    for _ in range(iterations):
-        x.requires_grad_(True)
-        loss = _cross_entropy(model(x), targets)
-        (g,) = torch.autograd.grad(loss.sum(), x)
-        g_norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        delta = x.detach() - step * g / g_norm - x0
-        d_norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        delta = delta * (radius / d_norm).clamp(max=1.0)
-        x = (x0 + delta).clamp(0.0, 1.0)
-    return x.detach()
-
-
-def pgd_minimal_radius(
-    model: nn.Module,
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    radii: Sequence[float],
-    norm: str = "Linf",
-    iterations: int = 30,
-    confidence: float = CONFIDENT,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference for (c): smallest radius of a grid at which a targeted PGD succeeds, per pair.
-
-    For each radius of `radii` (increasing, on the [0, 1] scale) a targeted PGD with `iterations`
-    steps lowers the cross-entropy of the target class inside the `norm` ball around the image:
-    captum's `PGD` for "Linf", `targeted_pgd_l2` for "L2". A pair succeeds at the first radius
-    where softmax(target) >= `confidence`; later radii are tried on the pairs still unsolved only.
-    Returns the perturbation (adversarial - image) found at that radius and the radius, per
-    pair; both NaN where no radius of the grid succeeds.
-    """
-    _check_batch(images, targets)
-    attack = {"Linf": _captum_pgd_linf, "L2": targeted_pgd_l2}.get(norm)
-    if attack is None:
-        raise ValueError(f"norm must be 'Linf' or 'L2', got {norm!r}")
-    x = images.detach()
-    found = torch.zeros_like(targets, dtype=torch.bool)
-    delta = torch.full_like(x, float("nan"))
-    radius_found = torch.full(targets.shape, float("nan"), device=x.device)
-    with frozen_eval(model):
-        for radius in sorted(radii):
-            todo = (~found).nonzero()[:, 0]
-            if len(todo) == 0:
-                break
-            adv = attack(model, x[todo], targets[todo], radius, iterations)
-            with torch.no_grad():
-                probs = model(adv).softmax(1).gather(1, targets[todo][:, None])[:, 0]
-            ok = probs >= confidence
-            delta[todo[ok]] = adv[ok] - x[todo[ok]]
-            radius_found[todo[ok]] = radius
-            found[todo[ok]] = True
-    return delta, radius_found
-
-
 def perturbation_norms(delta: torch.Tensor) -> dict[str, torch.Tensor]:
     """L2 and L-infinity norm of each perturbation (rows of `delta`), on the [0, 1] pixel scale."""
     flat = delta.flatten(1)
     return {"l2": flat.norm(dim=1), "linf": flat.abs().amax(1)}
-
-
-@torch.no_grad()
-def transfer_table(
-    model: nn.Module, images: torch.Tensor, noises: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every noise added to every image, classified in one batch.
-
-    Returns the predicted class (n_images, n_noises) of clamp(images[i] + noises[j], 0, 1) and the
-    prediction on the clean images (n_images,).
-    """
-    noisy = (images[:, None] + noises[None]).clamp(0.0, 1.0)
-    with frozen_eval(model):
-        logits = model(noisy.flatten(0, 1))
-        clean = model(images).argmax(1)
-    return logits.argmax(1).view(len(images), len(noises)), clean
-
-
-def transfer_rates(
-    predicted: torch.Tensor, clean: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor
-) -> dict[str, float]:
-    """How often a noise made for `targets[j]` turns image i into that class, or changes it at all.
-
-    target_rate: share of the (image, noise) pairs whose true label differs from the noise's
-    target in which the prediction becomes the target. changed_rate: share of all pairs whose
-    prediction differs from the prediction on the clean image.
-    """
-    is_target = predicted == targets[None, :]
-    eligible = labels[:, None] != targets[None, :]
-    return {
-        "target_rate": (is_target & eligible).sum().item() / max(int(eligible.sum()), 1),
-        "changed_rate": (predicted != clean[:, None]).float().mean().item(),
-    }
-
-
-@torch.no_grad()
-def nearest_mse(images: torch.Tensor, reference: torch.Tensor, chunk: int = 10_000) -> torch.Tensor:
-    """MSE (per pixel, [0, 1] scale) from each image to its nearest neighbour in `reference`."""
-    flat = images.flatten(1)
-    best = torch.full((len(images),), float("inf"), device=images.device)
-    for start in range(0, len(reference), chunk):
-        ref = reference[start : start + chunk].flatten(1)
-        best = torch.minimum(best, torch.cdist(flat, ref).amin(1).pow(2) / flat.shape[1])
-    return best
-
-
-def one_per_class(labels: torch.Tensor, seed: int) -> torch.Tensor:
-    """Index of one image of each class 0..9, the first of its class in a seeded permutation."""
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    labels = labels.cpu()[order]
-    picked = []
-    for c in range(NUM_CLASSES):
-        hits = order[labels == c]
-        if len(hits) == 0:
-            raise ValueError(f"no image of class {c} to choose from")
-        picked.append(hits[0])
-    return torch.stack(picked)

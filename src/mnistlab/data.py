@@ -185,3 +185,16 @@ def validation_split(data: MNIST, val_size: int = 5_000, seed: int = 0) -> Split
         data.train_labels[val_idx],
         val_idx.cpu(),
     )
+
+
+def one_per_class(labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """Index of one image of each class 0..9, the first of its class in a seeded permutation."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    labels = labels.cpu()[order]
+    picked = []
+    for c in range(10):
+        hits = order[labels == c]
+        if len(hits) == 0:
+            raise ValueError(f"no image of class {c} to choose from")
+        picked.append(hits[0])
+    return torch.stack(picked)
