@@ -17,7 +17,7 @@ help:
 	@echo "make lint / format   ruff check / ruff format"
 	@echo "make bench           training-throughput benchmark, writes report/bench.json"
 	@echo "make frontier-gpu    issue 21's GPU studies (time to 99%, best accuracy), ~7 min on an H100"
-	@echo "make gpu-bundle      MNIST (.gz) and the captum wheel into build/gpu/, for a bare GPU machine"
+	@echo "make gpu-bundle      MNIST (.gz) into build/gpu/, for a bare GPU machine"
 	@echo "make zip ROLLNO=...  PA2_<ROLLNO>.zip with the report and the code"
 	@echo "make colab-links     point the Colab badges and install cells at pyproject's Repository"
 	@echo "                     (REMOTE=origin: take it from that git remote; BRANCH=...: the branch)"
@@ -56,13 +56,11 @@ bench: $(STAMP)
 frontier-gpu: $(STAMP)
 	$(PY) -m mnistlab.tools.frontier --device cuda --out-dir report
 
-# What a bare GPU machine lacks (README "GPU studies"): the data, and captum (mnistlab.attacks).
+# What a bare GPU machine lacks (README "GPU studies"): the data.
 gpu-bundle: $(STAMP)
 	@test -n "$(MNIST_DIR)" || { echo "set MNIST_DIR to the folder of the four MNIST IDX files"; exit 2; }
-	mkdir -p build/gpu/MNIST build/gpu/wheels
+	mkdir -p build/gpu/MNIST
 	for f in $(MNIST_DIR)/*-ubyte; do gzip -c $$f > build/gpu/MNIST/$$(basename $$f).gz; done
-	$(PY) -m pip download --quiet --no-deps --only-binary=:all: -d build/gpu/wheels \
-		captum==$$($(PY) -c 'import importlib.metadata as m; print(m.version("captum"))')
 
 zip: $(STAMP)
 	@test -n "$(ROLLNO)" || { echo "usage: make zip ROLLNO=<your roll number>"; exit 2; }
