@@ -139,6 +139,7 @@ def test_default_paths_are_fp32_with_the_fold_on_a_cpu_and_graphs_on_a_gpu():
 def test_choose_takes_the_fastest_and_bf16_only_with_a_clear_margin():
     assert choose({"fp32": 1.0, "off": 1.2}) == "fp32"
     assert choose({"fp32": 1.0, "off": 0.9}) == "off"
+    assert choose({"fp32": 1.0, "off": 0.97}) == "fp32"  # the default, unless clearly beaten
     assert choose({"fp32": 1.0, "fp32+fold": 1.0}) == "fp32"  # a tie goes to the first
     assert choose({"fp32": 1.0, "off": 1.3, "bf16": 0.95}) == "fp32"  # 5% faster: not enough
     assert choose({"fp32": 1.0, "off": 1.3, "bf16": 0.9}) == "bf16"  # 10% faster
