@@ -37,6 +37,32 @@ def write_fake_mnist(folder: Path, n_train: int = 20, n_test: int = 10, gz: bool
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def speed_cache(tmp_path_factory):
+    """An empty speed-calibration cache (speed.py) for the whole session, also for notebook
+    kernels started from it: tests run the default paths, not what this machine measured."""
+    from mnistlab import speed
+
+    old = os.environ.get(speed.CACHE_ENV)
+    os.environ[speed.CACHE_ENV] = str(tmp_path_factory.mktemp("speed-cache"))
+    yield
+    if old is None:
+        os.environ.pop(speed.CACHE_ENV)
+    else:
+        os.environ[speed.CACHE_ENV] = old
+
+
+@pytest.fixture(autouse=True)
+def no_calibration(monkeypatch):
+    """Tests must not pay for a speed calibration: a run that would calibrate fails instead."""
+    from mnistlab import speed
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a test calibrated the speed path: pass limit_train_batches or a path")
+
+    monkeypatch.setattr(speed, "calibrate", refuse)
+
+
 @pytest.fixture
 def fake_mnist():
     """The writer of tiny random IDX folders, for tests of the loader's error handling."""

@@ -101,3 +101,42 @@ def test_best_can_be_chosen_among_the_runs_of_one_recipe(tmp_path):
     assert meta["selected_from"] == "plain-8ep-seed1.pt"
     with pytest.raises(FileNotFoundError, match="12ep"):
         select_best(tmp_path, "*-12ep-seed*.pt")
+
+
+def test_checkpoints_written_before_the_momentum_fix_still_load(tmp_path):
+    # Older checkpoints record `momentum` (never applied: the one-cycle schedule overrode it),
+    # the old speed knobs and the recipe search's affine knobs. The rule: a checkpoint's config
+    # is kept as it was written; loading reads only the variant and the weights, and the
+    # notebooks' helpers read variant, seed and epochs, which every version records.
+    from mnistlab.pipeline import load_best_model, load_independent_model
+
+    old_config = {
+        "variant": "plain",
+        "epochs": 8,
+        "batch_size": 128,
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "warmup_fraction": 0.15,
+        "label_smoothing": 0.0,
+        "max_shift": 1,
+        "max_rotation": 0.0,
+        "max_scale": 0.0,
+        "ema_decay": 0.0,
+        "seed": 0,
+        "evals_per_epoch": 4,
+        "eval_batch_size": 256,
+        "mixed_precision": "auto",
+        "channels_last": True,
+        "fold_bn1": "auto",
+        "cuda_graphs": True,
+        "limit_train_batches": 0,
+    }
+    metrics = {"best_val_accuracy": 0.99, "test_accuracy": 0.99}
+    save_checkpoint(tmp_path / BEST_NAME, MnistCNN("plain"), config=old_config, metrics=metrics)
+    other = dict(old_config, variant="bn", seed=1)
+    save_checkpoint(tmp_path / "bn-seed1.pt", MnistCNN("bn"), config=other, metrics=metrics)
+    model, meta = load_best_model(tmp_path)
+    assert model.variant == "plain" and meta["config"]["momentum"] == 0.9
+    independent, independent_meta = load_independent_model(tmp_path)
+    assert independent.variant == "bn" and independent_meta["config"]["seed"] == 1

@@ -14,6 +14,7 @@ from mnistlab.defenses import (
     AdvTrainConfig,
     BitDepthReduction,
     Part3Budget,
+    adversarial_recipe,
     adversarial_train,
     bit_depth_defense,
     bpda_surrogate,
@@ -159,13 +160,11 @@ def test_adversarial_training_runs_records_its_cost_and_is_reused(mnist, tmp_pat
         full.val_indices[:200],
     )
     config = AdvTrainConfig(
-        epochs=2,
         steps=2,
-        limit_train_batches=3,
-        batch_size=32,
         val_images=20,
         val_steps=2,
         eps_ramp_epochs=1.5,  # full eps from the first batch of epoch 2
+        train=adversarial_recipe(epochs=2, limit_train_batches=3, batch_size=32),
     )
     init = MnistCNN()
     before = {k: v.clone() for k, v in init.state_dict().items()}
@@ -209,11 +208,10 @@ def test_adversarial_training_makes_the_model_more_robust(mnist):
         eps=0.2,
         steps=3,
         step_size=0.1,
-        epochs=1,
-        limit_train_batches=60,
         eps_ramp_epochs=0,
         val_images=50,
         val_steps=3,
+        train=adversarial_recipe(epochs=1, limit_train_batches=60),
     )
     robust = adversarial_train(config, split, init=base.model, progress=False).model
     x, y = mnist.test_images[:300], mnist.test_labels[:300]

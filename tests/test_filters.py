@@ -94,7 +94,7 @@ def test_initial_model_is_where_training_starts_and_drift_measures_the_change():
     gen = torch.Generator().manual_seed(0)
     images, labels = torch.rand(40, 1, 28, 28, generator=gen), torch.arange(40) % 10
     split = Split(images[:32], labels[:32], images[32:], labels[32:], torch.arange(8))
-    config = TrainConfig(epochs=1, batch_size=16, lr=0.0, seed=7, mixed_precision="off")
+    config = TrainConfig(epochs=1, batch_size=16, lr=0.0, seed=7, speed="fp32")
     untouched = train(config, split, "cpu", progress=False).model  # lr 0: weights stay at init
     start = initial_model(config_dict(config))
     for name, value in start.state_dict().items():

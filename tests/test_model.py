@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torchinfo import summary
 
-from mnistlab.model import (
-    VARIANTS,
-    MnistCNN,
-    conv_patches,
-    layer_table,
-    neuron_counts,
-    parameter_counts,
-)
+from mnistlab.model import MnistCNN, layer_table, neuron_counts, parameter_counts
 
 
 def test_parameter_counts_equal_the_analytic_values():
@@ -93,85 +82,3 @@ def test_layer_table_leaves_mode_alone():
     model = MnistCNN("bn").train()
     layer_table(model)
     assert model.training
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_pool_first_forward_equals_forward_in_logits_and_gradients(variant, channels_last):
-    torch.manual_seed(0)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = MnistCNN(variant).to(memory_format=memory_format).train()
-    twin = copy.deepcopy(model)
-    x = torch.rand(16, 1, 28, 28)
-    x[:4] = 0.0  # blank images: every pooling window holds tied conv outputs (the bias)
-    x = x.contiguous(memory_format=memory_format)
-    y = torch.arange(16) % 10
-    logits, fast = model(x), twin.forward_pool_first(x, fold_bn1=False)
-    assert torch.equal(logits, fast)  # exactly, not approximately: max and ReLU commute
-    F.cross_entropy(logits, y).backward()
-    F.cross_entropy(fast, y).backward()
-    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
-        assert torch.equal(p.grad, q.grad), name
-    if variant == "bn":  # batch statistics were updated identically
-        assert torch.equal(model.layers.bn1.running_var, twin.layers.bn1.running_var)
-
-
-def test_pool_first_order_reuses_the_layers_and_registers_nothing_new():
-    model = MnistCNN("bn")
-    order = model._pool_first_order
-    assert sorted(map(id, order)) == sorted(map(id, model.layers))  # the same modules, moved
-    kinds = [type(m).__name__ for m in order]
-    assert kinds[:5] == ["Conv2d", "BatchNorm2d", "MaxPool2d", "ReLU", "Conv2d"]
-    assert all(key.startswith("layers.") for key in model.state_dict())
-    assert sum(isinstance(m, nn.ReLU) for m in model.modules()) == 3
-
-
-def test_folded_bn1_matches_the_batch_norm_modules_in_training():
-    torch.manual_seed(0)
-    model = MnistCNN("bn").train()
-    twin = copy.deepcopy(model)
-    x = torch.rand(32, 1, 28, 28)
-    x[:4] = 0.0
-    y = torch.arange(32) % 10
-    reference, folded = model.forward_pool_first(x, fold_bn1=False), twin.forward_pool_first(x)
-    torch.testing.assert_close(folded, reference, rtol=1e-4, atol=1e-4)
-    F.cross_entropy(reference, y).backward()
-    F.cross_entropy(folded, y).backward()
-    params = dict(model.named_parameters())
-    for (name, p), q in zip(params.items(), twin.parameters(), strict=True):
-        # Biases in front of a BN have no effect, so their true gradient is 0: compare on the
-        # scale of the layer's weight gradient, not of the (rounding-sized) bias gradient.
-        scale = params[name.rsplit(".", 1)[0] + ".weight"].grad.abs().max().item()
-        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-4 * scale, msg=name)
-    for (name, a), b in zip(model.named_buffers(), twin.buffers(), strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
-
-
-@pytest.mark.parametrize(
-    ("channels", "kernel", "stride", "padding", "dilation"),
-    [(1, 3, 1, 1, 1), (3, 3, 2, 1, 1), (2, (3, 2), (1, 2), (0, 1), 1), (2, 3, 1, 2, 2)],
-)
-def test_conv_patches_equal_unfold(channels, kernel, stride, padding, dilation):
-    conv = nn.Conv2d(channels, 4, kernel, stride=stride, padding=padding, dilation=dilation)
-    z = torch.randn(5, channels, 11, 9)
-    expected = F.unfold(z, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
-    assert torch.equal(conv_patches(conv, z), expected.transpose(0, 1).flatten(1))
-
-
-def test_eval_mode_folds_the_conv_bns_into_the_same_function():
-    torch.manual_seed(0)
-    model = MnistCNN("bn")
-    for _ in range(3):  # running statistics and affine parameters away from their defaults
-        model.train()(torch.rand(64, 1, 28, 28))
-    with torch.no_grad():
-        for bn in (model.layers.bn1, model.layers.bn2):
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.5, 0.5)
-    model.eval()
-    x = torch.rand(64, 1, 28, 28)
-    state = copy.deepcopy(model.state_dict())
-    reference, folded = model(x), model.forward_pool_first(x)
-    torch.testing.assert_close(folded, reference, rtol=1e-5, atol=1e-5)
-    assert torch.equal(folded.argmax(1), reference.argmax(1))
-    for key, value in model.state_dict().items():  # folding changed no weight or statistic
-        assert torch.equal(value, state[key]), key

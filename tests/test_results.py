@@ -63,7 +63,7 @@ def test_benchmark_steps_train_on_the_same_data(mnist):
         "subset",
     )
     for step in (
-        bench.project_step(small, device, bench.TrainConfig()),
+        bench.project_step(small, device, bench.TrainConfig(speed="fp32")),
         bench.naive_step(small, device),
         bench.dataloader_step(small, device),
     ):

@@ -2,29 +2,24 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mnistlab import train as mnistlab_train
+from mnistlab.checkpoint import load_checkpoint, save_checkpoint
 from mnistlab.data import validation_split
 from mnistlab.model import MnistCNN
 from mnistlab.train import (
     TrainConfig,
-    autocast_dtype,
+    config_dict,
     confusion_matrix,
-    cuda_graph_forward,
     evaluate,
-    fold_bn1_enabled,
     make_optimizer,
     predict,
-    random_affine,
     random_translate,
     train,
-    training_forward,
 )
 
 
@@ -44,7 +39,7 @@ def test_short_real_training_run_learns(mnist):
 
 def test_training_is_reproducible_for_a_seed(mnist):
     split = validation_split(mnist)
-    config = TrainConfig(epochs=1, limit_train_batches=5, evals_per_epoch=1, mixed_precision="off")
+    config = TrainConfig(epochs=1, limit_train_batches=5, evals_per_epoch=1, speed="fp32")
     a = train(config, split, "cpu", progress=False).model.state_dict()
     b = train(config, split, "cpu", progress=False).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -87,25 +82,6 @@ def test_evaluate_and_predict_restore_training_mode():
     assert torch.allclose(probabilities.sum(1), torch.ones(10))
 
 
-def test_autocast_choice():
-    assert autocast_dtype(torch.device("cpu"), "off") is None
-    assert autocast_dtype(torch.device("cpu"), "bf16") is torch.bfloat16
-    assert autocast_dtype(torch.device("cuda"), "fp16") is torch.float16
-    # fp32 unless asked: measured faster for this net than autocast, on the CPU and on an H100
-    assert autocast_dtype(torch.device("cuda"), "auto") is None
-    assert autocast_dtype(torch.device("cpu"), "auto") is None
-
-
-def test_bn1_fold_choice():
-    # on a CPU only, where it was measured faster; on a GPU it adds kernel launches
-    assert fold_bn1_enabled(torch.device("cpu"), "auto")
-    assert not fold_bn1_enabled(torch.device("cuda"), "auto")
-    assert fold_bn1_enabled(torch.device("cuda"), "on")
-    assert not fold_bn1_enabled(torch.device("cpu"), "off")
-    with pytest.raises(ValueError, match="fold_bn1"):
-        fold_bn1_enabled(torch.device("cpu"), "yes")
-
-
 def test_confusion_matrix_hand_case():
     labels = torch.tensor([0, 0, 1, 2, 2, 2])
     predictions = torch.tensor([0, 1, 1, 2, 0, 2])
@@ -113,28 +89,9 @@ def test_confusion_matrix_hand_case():
     assert m.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
 
 
-def test_random_affine_without_rotation_zoom_or_shift_is_the_identity():
-    gen = torch.Generator().manual_seed(0)
-    images = torch.rand(8, 1, 28, 28)
-    assert torch.allclose(random_affine(images, 0.0, 0.0, 0.0, gen), images, atol=1e-5)
-
-
-def test_random_affine_warps_each_image_within_the_pixel_range():
-    gen = torch.Generator().manual_seed(0)
-    images = torch.zeros(32, 1, 28, 28)
-    images[:, :, 10:18, 12:16] = 1.0  # a bar in the middle, away from the border
-    warped = random_affine(images, 15.0, 0.1, 2.0, gen)
-    assert warped.shape == images.shape
-    assert warped.min() >= 0.0 and warped.max() <= 1.0
-    changed = (warped - images).abs().flatten(1).amax(1) > 0.1
-    assert changed.all()  # every image got its own non-trivial warp
-    ink = warped.flatten(1).sum(1) / images.flatten(1).sum(1)
-    assert ((ink > 0.7) & (ink < 1.3)).all()  # zoom <= 10%: the bar keeps about its area
-
-
 def test_moving_average_with_no_memory_keeps_the_trained_weights(mnist):
     split = validation_split(mnist)
-    base = TrainConfig(epochs=1, limit_train_batches=5, evals_per_epoch=1, mixed_precision="off")
+    base = TrainConfig(epochs=1, limit_train_batches=5, evals_per_epoch=1, speed="fp32")
     plain = train(base, split, "cpu", progress=False).model.state_dict()
     # decay ~0: the average is the current weights, so it must equal the run without averaging
     forgetful = train(replace(base, ema_decay=1e-12), split, "cpu", progress=False).model
@@ -153,73 +110,53 @@ def test_fused_optimizer_takes_the_same_step_as_the_reference_sgd():
     config = TrainConfig()
     a, b = MnistCNN(), MnistCNN()
     b.load_state_dict(a.state_dict())
-    fused = make_optimizer(a, config, torch.device("cpu"))
-    reference = torch.optim.SGD(
-        b.parameters(),
-        lr=config.lr,
-        momentum=config.momentum,
-        nesterov=True,
-        weight_decay=config.weight_decay,
-        foreach=False,
-    )
+    fused, fused_schedule = make_optimizer(a, config, total_steps=3, fused=True)
+    reference, schedule = make_optimizer(b, config, total_steps=3)  # torch's for-loop SGD on a CPU
+    assert fused.param_groups[0]["fused"] and not reference.param_groups[0]["fused"]
     for _ in range(3):
         x, y = torch.rand(8, 1, 28, 28), torch.arange(8)
-        for model, optimizer in ((a, fused), (b, reference)):
+        for model, optimizer, scheduler in ((a, fused, fused_schedule), (b, reference, schedule)):
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
+            scheduler.step()
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-6)
 
 
-def test_training_forward_on_a_cpu_is_the_eager_pool_first_forward():
-    torch.manual_seed(0)
-    model = MnistCNN("bn").train()
-    twin = copy.deepcopy(model)
-    x = torch.rand(8, 1, 28, 28)
-    forward = training_forward(model, TrainConfig(variant="bn"), torch.device("cpu"), x)
-    assert torch.equal(forward(x), twin.forward_pool_first(x))  # cuda_graphs is ignored here
+def test_the_optimizer_runs_the_momentum_and_learning_rate_the_checkpoint_records(
+    mnist, tmp_path, monkeypatch
+):
+    # Read the real optimizer inside a real run, step by step, through the perturb hook.
+    optimizers = []
 
+    def spy(*args, **kwargs):
+        optimizer, scheduler = make_optimizer(*args, **kwargs)
+        optimizers.append(optimizer)
+        return optimizer, scheduler
 
-def test_failed_graph_capture_falls_back_to_eager_and_restores_the_model(monkeypatch):
-    # A capture that raises (as one did in a fresh notebook kernel on an H200) must not stop
-    # training: a warning, the BN statistics the warm-up passes touched put back, None returned.
-    def failing_capture(module, sample_args):
-        module(*sample_args)  # a warm-up pass in training mode moves the BN running statistics
-        raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+    seen = {}
 
-    monkeypatch.setattr(mnistlab_train, "_warm_capture_stream", lambda module, sample: None)
-    monkeypatch.setattr(torch.cuda, "make_graphed_callables", failing_capture)
-    model = MnistCNN("bn").train()
-    before = copy.deepcopy(model.state_dict())
-    with pytest.warns(UserWarning, match="capture failed, training eagerly"):
-        assert cuda_graph_forward(model, False, torch.rand(4, 1, 28, 28)) is None
-    for name, value in model.state_dict().items():
-        assert torch.equal(value, before[name]), name
+    def record(model, x, y, step):
+        group = optimizers[0].param_groups[0]
+        seen[step] = (group["lr"], group["momentum"])
+        return x
 
-
-def test_training_forward_without_graphs_is_the_eager_forward(monkeypatch):
-    monkeypatch.setattr(mnistlab_train, "cuda_graph_forward", lambda *args: None)
-    model = MnistCNN("plain").train()
-    x = torch.rand(4, 1, 28, 28)
-    forward = training_forward(model, TrainConfig(fold_bn1="off"), torch.device("cuda"), x)
-    assert torch.equal(forward(x), model.forward_pool_first(x))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("variant", ["plain", "bn"])
-def test_cuda_graph_step_equals_the_eager_step(variant):
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    model = MnistCNN(variant).to(device).train()
-    twin = copy.deepcopy(model)
-    x, y = torch.rand(32, 1, 28, 28, device=device), torch.arange(32, device=device) % 10
-    eager = training_forward(model, TrainConfig(variant=variant, cuda_graphs=False), device, x)
-    graphed = training_forward(twin, TrainConfig(variant=variant), device, x)
-    # The capture's warm-up passes left the weights and the BN statistics as they were.
-    for a, b in zip(model.state_dict().values(), twin.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
-    F.cross_entropy(eager(x), y).backward()
-    F.cross_entropy(graphed(x), y).backward()
-    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    monkeypatch.setattr(mnistlab_train, "make_optimizer", spy)
+    config = TrainConfig(epochs=1, limit_train_batches=20, evals_per_epoch=1, warmup_fraction=0.25)
+    config = replace(config, max_momentum=0.9, base_momentum=0.8)  # not torch's defaults
+    result = train(config, validation_split(mnist), "cpu", progress=False, perturb=record)
+    _, meta = load_checkpoint(
+        save_checkpoint(tmp_path / "run.pt", result.model, config=config_dict(config))
+    )
+    recorded = TrainConfig(**meta["config"])  # rebuilt from the checkpoint
+    assert recorded == config and "momentum" not in meta["config"]
+    lr, top, bottom = recorded.lr, recorded.max_momentum, recorded.base_momentum
+    # One-cycle: lr / 25 and the top momentum at the first step, the peak rate and the bottom
+    # momentum at the end of the warm-up (step 4 of 20), lr / 25e4 and the top momentum last.
+    assert seen[0] == pytest.approx((lr / 25, top))
+    assert seen[4] == pytest.approx((lr, bottom))
+    assert seen[19] == pytest.approx((lr / 25e4, top))
+    momenta = [m for _, m in seen.values()]
+    assert min(momenta) == pytest.approx(bottom) and max(momenta) == pytest.approx(top)
+    assert len(seen) == 20

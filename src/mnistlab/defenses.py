@@ -16,18 +16,16 @@ correctly AND no iterate of the attack fooled it, on the [0, 1] pixel scale, in 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import matplotlib.figure
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
@@ -37,7 +35,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import Split
 from .model import MnistCNN, frozen_eval
 from .pgd import fgsm, objective_and_gradient, pgd
-from .train import autocast_dtype, evaluate
+from .train import Perturb, TrainConfig, evaluate, steps_per_epoch, train
 
 # ---------------------------------------------------------------------------------------------
 # Input transformation: bit-depth reduction, with the true (zero) or a straight-through gradient
@@ -115,27 +113,29 @@ def bpda_surrogate(defended: TransformedModel) -> TransformedModel:
 # Adversarial training
 
 
+def adversarial_recipe(**changes: Any) -> TrainConfig:
+    """The training settings of adversarial fine-tuning (chosen on the validation split), changed.
+
+    Part 1's recipe for 6 epochs at a peak learning rate of 0.05, without augmentation (the
+    attack perturbs every batch) and with one validation check per epoch (an attack, see
+    AdvTrainConfig); `changes` are TrainConfig fields (epochs, lr, seed, variant, ...).
+    """
+    return replace(TrainConfig(epochs=6, lr=0.05, max_shift=0, evals_per_epoch=1), **changes)
+
+
 @dataclass
 class AdvTrainConfig:
-    """Every knob of an adversarial-training run; stored in its checkpoint."""
+    """The adversarial knobs of a PGD-training run, on top of its TrainConfig; in its checkpoint."""
 
     # Defaults: the settings chosen on the validation split for fine-tuning the Part 1 model.
     eps: float = 0.35  # training L-infinity radius on the [0, 1] scale (evaluated at 0.3)
     steps: int = 3  # PGD steps of the inner maximisation
     step_size: float = 0.12  # on the [0, 1] scale; scaled by eps_t / eps during the eps ramp
-    epochs: int = 6
     eps_ramp_epochs: float = 0.5  # eps grows linearly from 0 over this many epochs
-    batch_size: int = 128
-    lr: float = 0.05  # peak of the one-cycle schedule (SGD + Nesterov momentum)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_fraction: float = 0.15
-    seed: int = 0
-    mixed_precision: str = "auto"  # the weight update only; the inner PGD always runs in fp32
-    val_images: int = 1_000  # validation images attacked at the end of each epoch
+    val_images: int = 1_000  # validation images attacked at each validation check
     val_steps: int = 10  # PGD steps of that check (random start)
     val_eps: float | None = 0.3  # eps of that check; None: eps
-    limit_train_batches: int = 0  # > 0: stop each epoch after this many batches (quick mode)
+    train: TrainConfig = field(default_factory=adversarial_recipe)  # the loop's own knobs
 
 
 @dataclass
@@ -149,6 +149,7 @@ class AdvTrainResult:
     train_seconds: float = 0.0  # the training loop alone, validation checks excluded
     validation_seconds: float = 0.0
     initialised_from: str = "scratch"
+    speed: str = "off"  # the speed path the weight updates ran on (speed.py)
 
 
 def ramped_eps(step: int, ramp_steps: int, eps: float) -> float:
@@ -156,38 +157,19 @@ def ramped_eps(step: int, ramp_steps: int, eps: float) -> float:
     return eps if ramp_steps <= 0 else eps * min(1.0, (step + 1) / ramp_steps)
 
 
-def _sgd(model: nn.Module, config: AdvTrainConfig) -> torch.optim.SGD:
-    return torch.optim.SGD(
-        model.parameters(),
-        lr=config.lr,
-        momentum=config.momentum,
-        nesterov=True,
-        weight_decay=config.weight_decay,
-    )
+def pgd_perturb(config: AdvTrainConfig, ramp_steps: int) -> Perturb:
+    """train's perturb hook for PGD training: each batch replaced by PGD examples of the current
+    weights at the ramped eps (the clean batch while eps is 0)."""
 
-
-def _train_batch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    eps: float,
-    config: AdvTrainConfig,
-    amp_dtype: torch.dtype | None,
-    seed: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One weight update on PGD examples of the batch (on the clean batch when eps is 0)."""
-    if eps > 0:
+    def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        eps = ramped_eps(step, ramp_steps, config.eps)
+        if eps <= 0:
+            return x
         step_size = config.step_size * eps / config.eps  # the ramp scales the step with eps
-        x = pgd(model, x, y, eps, config.steps, step_size, early_stop=False, seed=seed)
-    model.train()
-    with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype)):
-        logits = model(x)
-    loss = F.cross_entropy(logits.float(), y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach(), logits.detach()
+        seed = config.train.seed * 1_000_003 + step
+        return pgd(model, x, y, eps, config.steps, step_size, early_stop=False, seed=seed)
+
+    return perturb
 
 
 def training_step_seconds(
@@ -199,25 +181,26 @@ def training_step_seconds(
 ) -> dict[str, float]:
     """Seconds per batch of standard training and of PGD training, measured back to back.
 
-    Both update copies of `init` on the same `batches` training batches (after one untimed
-    warm-up batch), on the same machine at the same moment, so their ratio is the price of the
-    inner attack without the noise of runs made at other times.
+    Both train copies of `init` with train.train on the same `batches` training batches (after
+    an untimed one-batch run), on the same machine at the same moment, so their ratio is the
+    price of the inner attack without the noise of runs made at other times.
     """
-    device = torch.device(device)
-    amp_dtype = autocast_dtype(device, config.mixed_precision)
-    n = (batches + 1) * config.batch_size
-    xs, ys = split.train_images[:n].to(device), split.train_labels[:n].to(device)
+    n = batches * config.train.batch_size
+    tiny = Split(
+        split.train_images[:n],
+        split.train_labels[:n],
+        split.val_images[:1],
+        split.val_labels[:1],
+        split.val_indices[:1],
+    )
+    short = replace(config.train, variant=init.variant, epochs=1, evals_per_epoch=1)
     out = {}
-    for name, eps in (("standard", 0.0), ("pgd", config.eps)):
-        model = copy.deepcopy(init).to(device, memory_format=torch.channels_last)
-        optimizer = _sgd(model, config)
-        for i in range(batches + 1):
-            if i == 1:  # the first batch warms up the kernels and is not timed
-                start = time.perf_counter()
-            x = xs[i * config.batch_size : (i + 1) * config.batch_size]
-            y = ys[i * config.batch_size : (i + 1) * config.batch_size]
-            _train_batch(model, optimizer, x, y, eps, config, amp_dtype, seed=i)
-        out[f"{name}_seconds_per_batch"] = (time.perf_counter() - start) / batches
+    for name, perturb in (("standard", None), ("pgd", pgd_perturb(config, ramp_steps=0))):
+        for limit in (1, batches):  # the one-batch run warms the kernels up
+            run = replace(short, limit_train_batches=limit)
+            result = train(run, tiny, device, progress=False, init=init, perturb=perturb)
+        seconds = sum(result.seconds_per_epoch) - result.eval_seconds
+        out[f"{name}_seconds_per_batch"] = seconds / batches
     out["ratio"] = out["pgd_seconds_per_batch"] / out["standard_seconds_per_batch"]
     return out
 
@@ -231,85 +214,54 @@ def adversarial_train(
 ) -> AdvTrainResult:
     """PGD adversarial training (Madry et al. 2018) on `split`, from `init`'s weights or scratch.
 
-    Each batch is replaced by PGD examples (random start, `steps` signed steps, fp32, eval mode,
-    gradients w.r.t. the input only) made against the current weights; the weight update may
-    run under autocast. At the end of each epoch the model is attacked by PGD-`val_steps` on
+    train.train's loop with its two hooks. Each batch is replaced by PGD examples (random start,
+    `steps` signed steps, fp32, eval mode, gradients w.r.t. the input only) made against the
+    current weights; the weight update runs on the speed path of config.train. At each
+    validation check (the end of each epoch) the model is attacked by PGD-`val_steps` on
     `val_images` validation images at `val_eps` (default: eps), and the epoch with the best
     robust validation accuracy (once the training eps is at full size) is kept.
     """
     device = torch.device(device)
-    torch.manual_seed(config.seed)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    amp_dtype = autocast_dtype(device, config.mixed_precision)
-    train_x, train_y = split.train_images.to(device), split.train_labels.to(device)
-    val_x, val_y = split.val_images.to(device), split.val_labels.to(device)
-    check = torch.randperm(len(val_x), generator=torch.Generator().manual_seed(config.seed))
-    check = check[: config.val_images].to(device)
-    model = copy.deepcopy(init) if init is not None else MnistCNN()
-    # channels_last: the same weights in the memory format the CPU convolutions run fastest in
-    # (as in Part 1's training, attack steps included).
-    model = model.to(device, memory_format=torch.channels_last)
-
-    steps_per_epoch = math.ceil(len(train_x) / config.batch_size)
-    if config.limit_train_batches > 0:
-        steps_per_epoch = min(steps_per_epoch, config.limit_train_batches)
-    total_steps = config.epochs * steps_per_epoch
-    ramp_steps = round(config.eps_ramp_epochs * steps_per_epoch)
+    steps = steps_per_epoch(config.train, len(split.train_images))
+    ramp_steps = round(config.eps_ramp_epochs * steps)
     val_eps = config.eps if config.val_eps is None else config.val_eps
-    optimizer = _sgd(model, config)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=config.warmup_fraction
-    )
-    result = AdvTrainResult(model, config, initialised_from="scratch" if init is None else "init")
-    best_state, best_robust = copy.deepcopy(model.state_dict()), -1.0
-    step = 0
-    bar = tqdm(total=total_steps, desc="PGD training", disable=not progress)
-    for epoch in range(config.epochs):
-        start = time.perf_counter()
-        permutation = torch.randperm(len(train_x), device=device, generator=generator)
-        run_loss, run_wrong, run_seen = 0.0, 0, 0
-        for i in range(steps_per_epoch):
-            batch = permutation[i * config.batch_size : (i + 1) * config.batch_size]
-            x, y = train_x[batch], train_y[batch]
-            eps = ramped_eps(step, ramp_steps, config.eps)
-            seed = config.seed * 1_000_003 + step
-            loss, logits = _train_batch(model, optimizer, x, y, eps, config, amp_dtype, seed)
-            scheduler.step()
-            step += 1
-            bar.update()
-            run_loss += loss.item() * len(y)
-            run_wrong += int((logits.argmax(1) != y).sum())
-            run_seen += len(y)
-        result.train_seconds += time.perf_counter() - start
+    seed = config.train.seed
+    check = torch.randperm(len(split.val_images), generator=torch.Generator().manual_seed(seed))
+    check = check[: config.val_images]
+    check_x, check_y = split.val_images[check].to(device), split.val_labels[check].to(device)
 
-        start = time.perf_counter()
-        clean = evaluate(model, val_x, val_y)["accuracy"]
+    def validate(model: nn.Module, step: int) -> tuple[float, dict[str, float]]:
+        eps = ramped_eps(step - 1, ramp_steps, config.eps)  # of the last batch trained on
         robust = robust_accuracy(
-            model, val_x[check], val_y[check], val_eps, steps=config.val_steps, seed=config.seed
-        )["accuracy"]
-        result.validation_seconds += time.perf_counter() - start
-        result.history.append(
-            {
-                "epoch": epoch + 1,
-                "eps": eps,
-                "train_adv_loss": run_loss / run_seen,
-                "train_adv_error": run_wrong / run_seen,
-                "val_accuracy": clean,
-                "val_pgd_accuracy": robust,
-                "lr": scheduler.get_last_lr()[0],
-            }
+            model, check_x, check_y, val_eps, steps=config.val_steps, seed=seed
         )
-        bar.set_postfix(val_acc=f"{clean:.4f}", val_pgd=f"{robust:.4f}")
-        if eps >= config.eps and robust >= best_robust:
-            best_state, best_robust, result.best_epoch = (
-                copy.deepcopy(model.state_dict()),
-                robust,
-                epoch + 1,
-            )
-    bar.close()
-    model.load_state_dict(best_state)
-    model.eval()
-    return result
+        score = robust["accuracy"] if eps >= config.eps else -math.inf
+        return score, {"eps": eps, "val_pgd_accuracy": robust["accuracy"]}
+
+    perturb = pgd_perturb(config, ramp_steps)
+    result = train(config.train, split, device, progress, init, perturb, validate)
+    history = [
+        {
+            "epoch": int(h["epoch"]) if float(h["epoch"]).is_integer() else h["epoch"],
+            "eps": h["eps"],
+            "train_adv_loss": h["train_loss"],
+            "train_adv_error": h["train_error"],
+            "val_accuracy": h["val_accuracy"],
+            "val_pgd_accuracy": h["val_pgd_accuracy"],
+            "lr": h["lr"],
+        }
+        for h in result.history
+    ]
+    return AdvTrainResult(
+        result.model,
+        config,
+        history,
+        best_epoch=result.best_step // steps,
+        train_seconds=sum(result.seconds_per_epoch) - result.eval_seconds,
+        validation_seconds=result.eval_seconds,
+        initialised_from="scratch" if init is None else "init",
+        speed=result.speed,
+    )
 
 
 def adv_train_metadata(result: AdvTrainResult) -> dict[str, Any]:
@@ -328,6 +280,7 @@ def adv_train_metadata(result: AdvTrainResult) -> dict[str, Any]:
             ),
         },
         "initialised_from": result.initialised_from,
+        "speed": result.speed,
         "torch_threads": torch.get_num_threads(),
     }
 

@@ -61,6 +61,7 @@ def train_and_save(
         "test_loss": test["loss"],
         "seconds_per_epoch": result.seconds_per_epoch,
         "device": result.device,
+        "speed": result.speed,
         "autocast_dtype": result.autocast_dtype,
     }
     path = checkpoint_dir(folder) / f"{run_name(config, tag)}.pt"

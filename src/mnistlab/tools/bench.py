@@ -3,9 +3,8 @@
     python -m mnistlab.tools.bench [--out report/bench.json] [--windows 5] [--steps 20]
 
 - project: the loop of mnistlab.train (in-memory tensors, permutation batches, batched random
-  translation, max-pool before ReLU, fused SGD, channels_last, fp32 (faster than bf16 autocast
-  for this net, on this CPU and on an H100), batch 128; on a GPU, forward and backward replayed
-  as CUDA graphs;
+  translation, batch 128) on the speed path "auto" takes on this machine (speed.py: max-pool
+  before ReLU, fused SGD, channels_last, the precision, on a GPU CUDA graphs);
 - naive_fp32: the same in-memory tensors and model in plain fp32 eager mode, NCHW, batch 64 (the
   pytorch/examples default), no augmentation;
 - dataloader: pytorch/examples style, a Dataset that turns each uint8 image into a PIL image and
@@ -37,18 +36,15 @@ import torch.nn.functional as F
 from ..data import MNIST, Split, load_mnist, validation_split
 from ..model import MnistCNN
 from ..pipeline import SPLIT_SEED, VAL_SIZE, summarize
+from ..speed import candidates, default_path, training_forward
 from ..train import (
     TrainConfig,
-    augment,
-    autocast_dtype,
-    cpu_supports_bf16,
     default_device,
     evaluate,
-    fold_bn1_enabled,
     make_optimizer,
     one_epoch_config,
+    random_translate,
     train,
-    training_forward,
 )
 from . import cli
 from .allocator import keep_freed_memory
@@ -80,16 +76,14 @@ def measure(
 
 
 def project_step(data: MNIST, device: torch.device, config: TrainConfig) -> Callable[[], int]:
-    """One optimisation step exactly as mnistlab.train takes it."""
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    model = MnistCNN(config.variant).to(device, memory_format=memory_format)
-    # A small constant learning rate: without the schedule's warm-up the peak rate could diverge.
-    optimizer = make_optimizer(model, replace(config, lr=0.01), device)
+    """One optimisation step exactly as mnistlab.train takes it; `step.path` is its speed path."""
+    model = MnistCNN(config.variant).to(device)
     images, labels = data.train_images.to(device), data.train_labels.to(device)
     generator = torch.Generator(device=device).manual_seed(0)
-    dtype = autocast_dtype(device, config.mixed_precision)
-    sample = images[: config.batch_size].contiguous(memory_format=memory_format)
-    forward = training_forward(model, config, device, sample)
+    first = (images[: config.batch_size], labels[: config.batch_size])
+    forward = training_forward(model, config.speed, first)
+    # A small constant learning rate (the schedule is never stepped): the peak could diverge.
+    optimizer, _ = make_optimizer(model, replace(config, lr=0.01), 1, forward.fused_optimizer)
     order = iter(())
 
     def step() -> int:
@@ -102,15 +96,14 @@ def project_step(data: MNIST, device: torch.device, config: TrainConfig) -> Call
                 )
             )
             batch = next(order)
-        x = augment(images[batch], config, generator).contiguous(memory_format=memory_format)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=bool(dtype)):
-            logits = forward(x)
-        loss = F.cross_entropy(logits.float(), labels[batch])
+        x = random_translate(images[batch], config.max_shift, generator)
+        loss = F.cross_entropy(forward(x), labels[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         return len(batch)
 
+    step.path = forward.path  # type: ignore[attr-defined]
     return step
 
 
@@ -222,20 +215,22 @@ def epoch_timing(data: MNIST, device: torch.device) -> dict[str, Any]:
     """
     split = validation_split(data, VAL_SIZE, SPLIT_SEED)
     test_x, test_y = data.test_images.to(device), data.test_labels.to(device)
-    # The other side of the bn1 fold (see fold_bn1_enabled) on this device.
-    other = "off" if fold_bn1_enabled(device) else "on"
+    # The other side of the bn1 fold from the default path (speed.default_path) on this device.
+    bn_default = default_path(device, "bn")
+    folded = "+fold" in bn_default
+    other = bn_default.replace("+fold", "") if folded else bn_default.replace("fp32", "fp32+fold")
     runs = {
         "plain": TrainConfig(),
         "bn": TrainConfig(variant="bn"),
-        f"bn_fold_{other}": TrainConfig(variant="bn", fold_bn1=other),
+        f"bn_fold_{'off' if folded else 'on'}": TrainConfig(variant="bn", speed=other),
     }
     if device.type == "cuda":  # what AMP and eager launches would give
-        amp = "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
-        runs[f"plain_{amp}"] = TrainConfig(mixed_precision=amp)
-        runs["plain_no_graphs"] = TrainConfig(cuda_graphs=False)
-    elif cpu_supports_bf16():  # the bf16 fast path of CPUs with AMX / AVX512-BF16, for comparison
-        runs["plain_bf16"] = TrainConfig(mixed_precision="bf16")
-        runs["bn_bf16"] = TrainConfig(variant="bn", mixed_precision="bf16")
+        if torch.cuda.is_bf16_supported():
+            runs["plain_bf16"] = TrainConfig(speed="bf16")
+        runs["plain_no_graphs"] = TrainConfig(speed="fp32")
+    elif "bf16" in candidates(device, "plain"):  # CPUs with native bf16 kernels, for comparison
+        runs["plain_bf16"] = TrainConfig(speed="bf16")
+        runs["bn_bf16"] = TrainConfig(variant="bn", speed="bf16+fold")
     out = {}
     for name, config in runs.items():
         result = train(config, split, device, progress=False)
@@ -439,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         "naive_fp32": naive_step(data, device),
         "dataloader": dataloader_step(data, device),
     }
+    path = pipelines["project"].path
     throughput = measure(pipelines, device, args.warmup, args.windows, args.steps)
     out = Path(args.out)
     report_metrics = out.parent / "metrics.json"
@@ -450,8 +446,9 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda"
         else f"cpu ({torch.get_num_threads()} threads)",
         "torch": str(torch.__version__),
-        "autocast_dtype": str(autocast_dtype(device, config.mixed_precision) or "float32"),
-        "channels_last": config.channels_last,
+        "speed": path.name,
+        "autocast_dtype": str(path.dtype or "float32"),
+        "channels_last": path.fast,
         "batch_size": {"project": config.batch_size, "naive_fp32": 64, "dataloader": 64},
         "throughput": throughput,
         "ratio": {

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import os
-import platform
 import time
-from pathlib import Path
 
 import torch
 
+from ..speed import cpu_name
 
-def cpu_name() -> str:
-    """The CPU model name (Linux), else the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+__all__ = ["cpu_name", "device_name", "fp32_gemm_gflops", "sync"]
 
 
 def device_name(device: torch.device | str) -> str:

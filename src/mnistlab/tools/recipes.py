@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import statistics
@@ -22,17 +23,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..data import load_mnist, validation_split
 from ..pipeline import SPLIT_SEED, VAL_SIZE
-from ..train import TrainConfig, train
+from ..train import Perturb, TrainConfig, train
 from . import cli
 from .machine import cpu_name
 
 # The one-epoch run's fixed part: no augmentation, many small steps, a longer warm-up.
 ONE_EPOCH: dict[str, Any] = {"epochs": 1, "batch_size": 32, "max_shift": 0, "warmup_fraction": 0.2}
 
-# Each candidate: TrainConfig fields that differ from the defaults. Round 1 started from the
+# Each candidate: TrainConfig fields that differ from the defaults, or the recipe search's own
+# augmentation knobs (AFFINE_KNOBS). Round 1 started from the
 # first recipe (peak learning rate 0.05); its winner, 0.1, is the default now.
 CANDIDATES: dict[str, dict[str, Any]] = {
     "lr0.05": {"lr": 0.05},
@@ -89,6 +92,10 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "bn+epochs10": {"variant": "bn", "epochs": 10},
 }
 
+# A random affine warp instead of integer shifts: rotation up to max_rotation degrees, zoom up to
+# max_scale, applied through train's perturb hook (see candidate_run).
+AFFINE_KNOBS = ("max_rotation", "max_scale")
+
 _split = None  # each worker process loads the data once
 
 
@@ -105,12 +112,60 @@ def device_name(device: torch.device) -> str:
     return f"{cpu_name()} ({torch.get_num_threads()} threads)"
 
 
+def random_affine(
+    images: torch.Tensor,
+    max_rotation: float,
+    max_scale: float,
+    max_shift: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Rotate, zoom and shift each image by its own random amounts (bilinear, zero-filled).
+
+    Rotation is uniform in [-max_rotation, max_rotation] degrees, zoom in [1 - max_scale,
+    1 + max_scale], shift in [-max_shift, max_shift] pixels, about the image centre.
+    """
+    n, _, h, w = images.shape
+    u = torch.rand(4, n, generator=generator, device=generator.device).to(images.device) * 2 - 1
+    angle = u[0] * math.radians(max_rotation)
+    scale = 1 + u[1] * max_scale
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    # affine_grid maps output to input coordinates in [-1, 1]; one pixel is 2 / size there.
+    theta = torch.stack(
+        [
+            torch.stack([cos, -sin, u[2] * max_shift * 2 / w], 1),
+            torch.stack([sin, cos, u[3] * max_shift * 2 / h], 1),
+        ],
+        1,
+    )
+    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, padding_mode="zeros", align_corners=False)
+
+
+def candidate_run(overrides: dict[str, Any], seed: int) -> tuple[TrainConfig, Perturb | None]:
+    """A candidate's TrainConfig and, for an affine candidate, the perturb hook that warps each
+    batch (the warp does the shifting, so the config's own shifts are off)."""
+    affine = {k: overrides[k] for k in AFFINE_KNOBS if k in overrides}
+    rest = {k: v for k, v in overrides.items() if k not in AFFINE_KNOBS}
+    config = replace(TrainConfig(), **rest, seed=seed)
+    if not any(affine.values()):
+        return config, None
+    rotation, scale = affine.get("max_rotation", 0.0), affine.get("max_scale", 0.0)
+    generators: dict[torch.device, torch.Generator] = {}
+
+    def warp(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        if x.device not in generators:
+            generators[x.device] = torch.Generator(device=x.device).manual_seed(seed)
+        return random_affine(x, rotation, scale, config.max_shift, generators[x.device])
+
+    return replace(config, max_shift=0), warp
+
+
 def run_candidate(job: tuple[str, dict[str, Any], int]) -> dict[str, Any]:
     """Train one (candidate, seed) and return its validation figures and wall time."""
     name, overrides, seed = job
-    config = replace(TrainConfig(), **overrides, seed=seed)
+    config, perturb = candidate_run(overrides, seed)
     start = time.perf_counter()
-    result = train(config, _split, progress=False)
+    result = train(config, _split, progress=False, perturb=perturb)
     return {
         "candidate": name,
         "overrides": overrides,
