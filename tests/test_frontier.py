@@ -9,11 +9,12 @@ import time
 import pytest
 import torch
 
-from mnistlab import train as train_module
+from mnistlab import speed
 from mnistlab.data import MNIST, Split
 from mnistlab.tools import frontier
 from mnistlab.tools.bench import TO_99_CANDIDATES, choose_fastest, time_to_99, timed_run
 from mnistlab.tools.frontier import BEST_CANDIDATES, best_accuracy_study, main, merge_json
+from mnistlab.tools.recipes import candidate_run
 from mnistlab.train import TrainConfig
 
 TINY = {"limit_train_batches": 2, "batch_size": 16, "evals_per_epoch": 1, "epochs": 1}
@@ -44,8 +45,10 @@ def toy_split() -> Split:
 
 
 def test_every_candidate_is_a_valid_config():
-    for overrides in [*BEST_CANDIDATES.values(), *TO_99_CANDIDATES.values()]:
-        TrainConfig(**overrides)  # a typo in a field name raises here
+    for overrides in BEST_CANDIDATES.values():
+        candidate_run(overrides, seed=0)  # a typo in a field name raises here
+    for overrides in TO_99_CANDIDATES.values():
+        TrainConfig(**overrides)
 
 
 def test_choose_fastest_hand_case():
@@ -63,13 +66,13 @@ def test_choose_fastest_hand_case():
 def test_timed_run_leaves_graph_capture_out_of_the_clock(monkeypatch):
     # A capture that takes a second: the timed seconds must not contain it, the setup must.
     timed_run(TrainConfig(**TINY), toy_split(), torch.device("cpu"))  # first-call costs out
-    real = train_module.training_forward
+    real = speed.training_forward
 
     def slow_capture(*args, **kwargs):
         time.sleep(1.0)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "training_forward", slow_capture)
+    monkeypatch.setattr(speed, "training_forward", slow_capture)
     run = timed_run(TrainConfig(**TINY), toy_split(), torch.device("cpu"))
     assert run["setup_seconds"] >= 1.0 > run["seconds"] > 0
     assert run["steps"] == 2 and 0 <= run["accuracy"] <= 1

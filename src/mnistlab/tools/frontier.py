@@ -20,7 +20,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,10 @@ import torch
 from ..data import MNIST, load_mnist, validation_split
 from ..model import MnistCNN
 from ..pipeline import SPLIT_SEED, VAL_SIZE, summarize
-from ..train import TrainConfig, evaluate, train
+from ..train import evaluate, train
 from . import cli
 from .bench import TO_99_CANDIDATES, time_to_99
-from .recipes import device_name, rank
+from .recipes import candidate_run, device_name, rank
 
 # Each candidate: TrainConfig fields over the defaults (Part 1's recipe: plain network, batch
 # 128, SGD + Nesterov, one-cycle to lr 0.1). Round 4 of the recipe search found rotations and
@@ -88,10 +88,7 @@ def best_accuracy_study(
         raise ValueError("the study needs at least one candidate and one seed")
     if set(seeds) & set(extra_seeds):
         raise ValueError(f"extra seeds {extra_seeds} repeat search seeds {seeds}")
-    configs = {
-        name: replace(TrainConfig(), **{**fields, **(overrides or {})})
-        for name, fields in candidates.items()
-    }
+    recipes = {name: {**fields, **(overrides or {})} for name, fields in candidates.items()}
     data = data.to(device)
     split = validation_split(data, val_size, SPLIT_SEED)
     start = clock()
@@ -106,12 +103,13 @@ def best_accuracy_study(
         return clock() + per_epoch * epochs <= deadline
 
     def train_one(name: str, seed: int) -> None:
-        config = replace(configs[name], seed=seed)
+        # The affine warp is a recipe-search knob, applied through train's perturb hook.
+        config, perturb = candidate_run(recipes[name], seed)
         if not fits(config.epochs):
             skipped.append({"candidate": name, "seed": seed})
             return
         begin = clock()
-        result = train(config, split, device, progress=False)
+        result = train(config, split, device, progress=False, perturb=perturb)
         runs.append(
             {
                 "candidate": name,
@@ -129,9 +127,9 @@ def best_accuracy_study(
         }
 
     for seed in seeds:
-        for name in configs:
+        for name in recipes:
             train_one(name, seed)
-    complete = [s for s in seeds if all((name, s) in weights for name in configs)]
+    complete = [s for s in seeds if all((name, s) in weights for name in recipes)]
     if not complete:
         raise RuntimeError(
             "the time budget ran out before every candidate had trained once: raise --budget-s "
@@ -143,7 +141,7 @@ def best_accuracy_study(
         train_one(chosen, seed)
 
     # The choice is made: now, and only now, the test set, once per run of the chosen recipe.
-    config = configs[chosen]
+    config, _ = candidate_run(recipes[chosen], 0)
     final_seeds = [s for s in complete + extra_seeds if (chosen, s) in weights]
     model = MnistCNN(config.variant).to(device)
     eval_batch = config.eval_batch_size if device.type == "cpu" else 5_000
@@ -168,6 +166,7 @@ def best_accuracy_study(
         "ranking": table,
         "chosen": chosen,
         "config": {k: v for k, v in asdict(config).items() if k != "seed"},
+        "recipe": recipes[chosen],  # the config's fields plus the affine warp, if any
         "final": {
             "seeds": final_seeds,
             "val_accuracy": val_acc,
