@@ -266,3 +266,19 @@ def test_report_readme_links_the_document_first(built, tmp_path):
     write_summary(tmp_path, [], built["metrics"])
     links = re.findall(r"\]\(([^)]+)\)", (tmp_path / "README.md").read_text())
     assert links[:2] == ["report.pdf", "report.html"]
+
+
+def test_the_appendix_names_the_speed_path_and_the_timings_auto_chose_it_by():
+    from mnistlab.tools.document.appendix import speed_lines
+
+    classification = {
+        "speed": {"plain": "bf16", "bn": "fp32+fold"},
+        "speed_calibration": {
+            "plain": {"path": "bf16", "seconds_per_step": {"fp32": 0.05, "bf16": 0.035}},
+            "bn": None,  # an explicit path: nothing was timed
+        },
+    }
+    (line,) = speed_lines(classification)
+    assert "bf16 (plain)" in line and "fp32+fold (batch-norm)" in line
+    assert "plain: fp32 50, bf16 35" in line and "batch-norm:" not in line
+    assert speed_lines({}) == []

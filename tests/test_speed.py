@@ -175,6 +175,10 @@ def test_auto_calibrates_once_per_machine_and_reads_the_cache(tmp_path, monkeypa
     # Another batch size (or variant, thread count, torch, device) is another calibration.
     assert resolve("auto", model, (batch[0][:4], batch[1][:4]), measure=slow) == "fp32+fold"
     assert len(calls) == 2
+    # What a run records of the choice: the cached path and timings of its key, nothing else.
+    recorded = speed.cached_calibration(torch.device("cpu"), "bn", 8)
+    assert recorded == {"path": "bf16", "seconds_per_step": entry["seconds_per_step"]}
+    assert speed.cached_calibration(torch.device("cpu"), "plain", 8) is None
 
 
 def test_explicit_paths_and_quick_runs_never_calibrate(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import torch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import MNIST, load_mnist, validation_split
 from .model import MnistCNN
+from .speed import cached_calibration
 from .train import (
     TrainConfig,
     TrainResult,
@@ -63,6 +64,12 @@ def train_and_save(
         "device": result.device,
         "speed": result.speed,
         "autocast_dtype": result.autocast_dtype,
+        # What "auto" measured when it chose the path (None for an explicit path or a quick run).
+        "speed_calibration": (
+            cached_calibration(dev, config.variant, config.batch_size)
+            if config.speed == "auto"
+            else None
+        ),
     }
     path = checkpoint_dir(folder) / f"{run_name(config, tag)}.pt"
     save_checkpoint(

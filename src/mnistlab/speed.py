@@ -476,7 +476,7 @@ def resolve(
     An explicit name is checked and returned. "auto" returns the path cached for this machine
     (machine_key); without one it times the candidates (`measure`, default `calibrate`), keeps
     the fastest (`choose`) and caches it, or, when `calibrate_now` is False (quick runs and
-    tests, which must not pay for it), takes `default_path` without caching anything.
+    tests, which must not pay for it) or on a GPU, takes `default_path` without caching anything.
     """
     device = batch[0].device
     if speed != "auto":
@@ -490,7 +490,9 @@ def resolve(
             return parse_path(cached, device).name
         except ValueError:
             pass  # written by another version: calibrate again
-    if not calibrate_now:
+    # A GPU takes the default, the path measured fastest on one (report/bench_cuda.json): the
+    # calibration, which captures CUDA graphs for each candidate, has only run on CPUs so far.
+    if not calibrate_now or device.type != "cpu":
         return default_path(device, model.variant)
     paths = candidates(device, model.variant)
     seconds = (measure or partial(calibrate, model, batch))(paths)
@@ -498,6 +500,15 @@ def resolve(
     cache[key] = {"path": chosen, "seconds_per_step": seconds, "margin": REDUCED_PRECISION_MARGIN}
     _write_cache(path, cache)
     return chosen
+
+
+def cached_calibration(device: torch.device, variant: str, batch_size: int) -> dict | None:
+    """The calibration "auto" chose from on this machine (path and seconds per step of each
+    candidate), or None where none is cached (explicit paths, quick runs, GPUs)."""
+    entry = _read_cache(cache_file()).get(machine_key(device, variant, batch_size))
+    if not isinstance(entry, dict) or "seconds_per_step" not in entry:
+        return None
+    return {"path": entry.get("path"), "seconds_per_step": entry["seconds_per_step"]}
 
 
 def training_forward(

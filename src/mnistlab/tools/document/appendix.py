@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ...speed import REDUCED_PRECISION_MARGIN
 from .helpers import (
     Section,
     count,
@@ -45,6 +46,7 @@ def section_appendix(m: dict[str, Any], report: Path) -> Section:
             else ""
         )
     )
+    lines.extend(speed_lines(m.get("classification", {})))
     for path in sorted(report.glob("bench*.json")):
         b = json.loads(path.read_text())
         t, r = b.get("throughput", {}), b.get("ratio", {})
@@ -72,6 +74,33 @@ def section_appendix(m: dict[str, Any], report: Path) -> Section:
         "report/metrics.json."
     )
     return Section("A", "Engineering notes: timings, benchmarks, recipe search", lines)
+
+
+def speed_lines(classification: dict[str, Any]) -> list[str]:
+    """The speed path each variant trained on and, under "auto", the timings it was chosen by."""
+    paths = classification.get("speed")
+    if not paths:
+        return []
+    line = (
+        "Part 1's training steps ran on the speed path "
+        + " and ".join(f"{path} ({variant(v)})" for v, path in paths.items())
+        + " (TrainConfig.speed, speed.py: the network's function computed faster; a bf16 path"
+        " also rounds its products to bf16)."
+    )
+    timed = {v: c for v, c in (classification.get("speed_calibration") or {}).items() if c}
+    if timed:
+        line += (
+            ' "auto" timed a few training steps of each candidate path on this machine and kept'
+            f" the fastest (bf16 only if at least {REDUCED_PRECISION_MARGIN:.0%} faster than fp32),"
+            " in ms per step: "
+            + "; ".join(
+                f"{variant(v)}: "
+                + ", ".join(f"{p} {1000 * s:.0f}" for p, s in c["seconds_per_step"].items())
+                for v, c in timed.items()
+            )
+            + "."
+        )
+    return [line]
 
 
 def header_facts(m: dict[str, Any]) -> list[tuple[str, str]]:
