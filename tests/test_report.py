@@ -161,4 +161,6 @@ def test_a_rerun_of_one_notebook_keeps_the_full_runs_timing(fake_pipeline, tmp_p
 
 def test_the_device_is_named_one_way_in_what_the_tools_record():
     assert device_name("cpu") == device_name(torch.device("cpu"))
-    assert device_name("cpu") == f"CPU ({cpu_name()}, {os.cpu_count()} cores)"
+    assert device_name("cpu") == (
+        f"CPU ({cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    )

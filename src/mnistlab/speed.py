@@ -429,14 +429,19 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def device_name(device: torch.device | str) -> str:
+    """The device timings are taken on: the GPU's name, or
+    'CPU (<model>, <n> cores, <k> threads)' with the threads torch computes on."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
 def machine_key(device: torch.device, variant: str, batch_size: int) -> str:
     """What a calibration depends on: the device (CPU model and threads, or GPU), torch, the
     variant and the batch size."""
-    if device.type == "cuda":
-        where = torch.cuda.get_device_name(device)
-    else:
-        where = f"{cpu_name()} ({torch.get_num_threads()} threads)"
-    return f"{where} | torch {torch.__version__} | {variant} | batch {batch_size}"
+    return f"{device_name(device)} | torch {torch.__version__} | {variant} | batch {batch_size}"
 
 
 def cache_file() -> Path:

@@ -48,8 +48,7 @@ from ..train import (
 )
 from . import cli
 from .allocator import keep_freed_memory
-from .machine import fp32_gemm_gflops, sync
-from .recipes import device_name
+from .machine import device_name, fp32_gemm_gflops, sync
 
 
 def measure(
@@ -442,9 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         json.loads(report_metrics.read_text()).get("timing", {}) if report_metrics.is_file() else {}
     )
     result: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu ({torch.get_num_threads()} threads)",
+        "device": device_name(device),
         "torch": str(torch.__version__),
         "speed": path.name,
         "autocast_dtype": str(path.dtype or "float32"),

@@ -32,7 +32,8 @@ from ..pipeline import SPLIT_SEED, VAL_SIZE, summarize
 from ..train import evaluate, train
 from . import cli
 from .bench import TO_99_CANDIDATES, time_to_99
-from .recipes import candidate_run, device_name, rank
+from .machine import device_name
+from .recipes import candidate_run, rank
 
 # Each candidate: TrainConfig fields over the defaults (Part 1's recipe: plain network, batch
 # 128, SGD + Nesterov, one-cycle to lr 0.1). Round 4 of the recipe search found rotations and

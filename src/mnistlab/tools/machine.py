@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 
-from ..speed import cpu_name
+from ..speed import cpu_name, device_name
 
 __all__ = ["cpu_name", "device_name", "fp32_gemm_gflops", "sync"]
-
-
-def device_name(device: torch.device | str) -> str:
-    """The device a run's timings were taken on: the GPU's name, or 'CPU (<model>, <n> cores)'."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({cpu_name()}, {os.cpu_count()} cores)"
 
 
 def sync(device: torch.device) -> None:

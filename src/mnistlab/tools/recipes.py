@@ -29,7 +29,7 @@ from ..data import load_mnist, validation_split
 from ..pipeline import SPLIT_SEED, VAL_SIZE
 from ..train import Perturb, TrainConfig, train
 from . import cli
-from .machine import cpu_name
+from .machine import device_name
 
 # The one-epoch run's fixed part: no augmentation, many small steps, a longer warm-up.
 ONE_EPOCH: dict[str, Any] = {"epochs": 1, "batch_size": 32, "max_shift": 0, "warmup_fraction": 0.2}
@@ -103,13 +103,6 @@ def _load_split() -> None:
     global _split
     torch.set_num_threads(max(1, int(os.environ.get("MNISTLAB_WORKER_THREADS", "1"))))
     _split = validation_split(load_mnist(), VAL_SIZE, SPLIT_SEED)
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model and thread count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
 
 
 def random_affine(
