@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import attacks
 from .model import frozen_eval
-from .pgd import fgsm, objective_and_gradient, pgd
+from .pgd import _check, fgsm, objective_and_gradient, pgd
 from .train import evaluate
 
 # ---------------------------------------------------------------------------------------------
@@ -38,6 +38,38 @@ def standard_error(accuracy: float, n: int) -> float:
 def _correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     with frozen_eval(model):
         return model(images).argmax(1) == labels
+
+
+def robust_per_image(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    eps: float,
+    attack: str = "pgd",
+    steps: int = 40,
+    restarts: int = 1,
+    step_size: float | None = None,
+    surrogate: nn.Module | None = None,
+    batch_size: int = 250,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Per image, whether it is robust to the attack of `robust_accuracy` (same arguments)."""
+    if attack not in ("fgsm", "pgd"):
+        raise ValueError(f"attack must be 'fgsm' or 'pgd', got {attack!r}")
+    surrogate = model if surrogate is None else surrogate
+    robust = []
+    for i in range(0, len(images), batch_size):
+        x, y = images[i : i + batch_size], labels[i : i + batch_size]
+        correct = _correct(model, x, y)
+        if eps > 0 and correct.any():
+            x, y, kept = x[correct], y[correct], correct.nonzero()[:, 0]
+            if attack == "fgsm":
+                adv = fgsm(surrogate, x, y, eps)
+            else:
+                adv = pgd(surrogate, x, y, eps, steps, step_size, restarts=restarts, seed=seed + i)
+            correct[kept] = _correct(model, adv, y)
+        robust.append(correct)
+    return torch.cat(robust) if robust else torch.zeros(0, dtype=torch.bool)
 
 
 def robust_accuracy(
@@ -61,23 +93,11 @@ def robust_accuracy(
     judged by `model`. An image counts as robust when it is classified correctly both clean and
     after the attack. Returns accuracy, its standard error, n and the seconds taken.
     """
-    if attack not in ("fgsm", "pgd"):
-        raise ValueError(f"attack must be 'fgsm' or 'pgd', got {attack!r}")
-    surrogate = model if surrogate is None else surrogate
     start = time.perf_counter()
-    robust = 0
-    for i in range(0, len(images), batch_size):
-        x, y = images[i : i + batch_size], labels[i : i + batch_size]
-        correct = _correct(model, x, y)
-        if eps > 0 and correct.any():
-            x, y, kept = x[correct], y[correct], correct.nonzero()[:, 0]
-            if attack == "fgsm":
-                adv = fgsm(surrogate, x, y, eps)
-            else:
-                adv = pgd(surrogate, x, y, eps, steps, step_size, restarts=restarts, seed=seed + i)
-            correct[kept] = _correct(model, adv, y)
-        robust += int(correct.sum())
-    accuracy = robust / len(images)
+    robust = robust_per_image(
+        model, images, labels, eps, attack, steps, restarts, step_size, surrogate, batch_size, seed
+    )
+    accuracy = int(robust.sum()) / len(images)
     return {
         "accuracy": accuracy,
         "stderr": standard_error(accuracy, len(images)),
@@ -137,6 +157,204 @@ def input_gradient_norm(
     with frozen_eval(model):
         _, _, grad = objective_and_gradient(model, images, labels, targeted=False)
     return grad.flatten(1).abs().sum(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# AutoAttack, and the headline: the worst case per image over every attack
+
+AUTOATTACK_VERSIONS = ("standard", "plus")
+
+
+def _autoattack_class() -> type:
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError as error:  # an optional extra: a student's install stays small
+        raise ModuleNotFoundError(
+            "AutoAttack needs the optional package pyautoattack: pip install 'mnistlab[robust]'"
+        ) from error
+    return AutoAttack
+
+
+def _check_suite_inputs(images: torch.Tensor, labels: torch.Tensor, eps: float) -> None:
+    _check(images, labels, eps)
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if len(images) == 0:
+        raise ValueError("no images to attack")
+    if images.min() < 0 or images.max() > 1:
+        raise ValueError(
+            "AutoAttack's radius is on the [0, 1] pixel scale: images must lie in [0, 1], got "
+            f"[{images.min().item():.3g}, {images.max().item():.3g}]"
+        )
+
+
+def autoattack_robust(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    eps: float = 0.3,
+    version: str = "standard",
+    seed: int = 0,
+    batch_size: int = 250,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Per image, robust or not after each attack of AutoAttack (Croce and Hein 2020, L-infinity).
+
+    AutoAttack (arXiv:2003.01690, the authors' package `pyautoattack`) runs its attacks in turn,
+    each on the images no earlier one fooled: "standard" is APGD-CE, APGD-T (9 target classes),
+    FAB-T (9 targets) and the black-box Square attack (5,000 queries). It is run here one
+    attack per call, which is what its `run_standard_evaluation` does inside, so that the
+    images left after every attack are kept. Each adversarial image is judged again by `model`
+    and checked to lie in the eps ball and in [0, 1]. Images in [0, 1], shape (N, C, H, W);
+    `model` returns logits. For an input-transformation defence pass its BPDA surrogate: the
+    defence's exact forward pass, with the straight-through gradient.
+
+    Returns {"clean": correct clean, attack: still robust after it, ...} in the suite's order;
+    the last entry is the worst case over the suite. Weights, mode, inputs and torch's global
+    random state (the package reseeds it) are left as they were.
+    """
+    if version not in AUTOATTACK_VERSIONS:
+        raise ValueError(f"version must be one of {AUTOATTACK_VERSIONS}, got {version!r}")
+    _check_suite_inputs(images, labels, eps)
+    auto_attack = _autoattack_class()
+    devices = [images.device] if images.device.type == "cuda" else []
+    robust = {"clean": _correct(model, images, labels)}
+    alive = robust["clean"].clone()
+    with frozen_eval(model), torch.random.fork_rng(devices=devices):
+        suite = auto_attack(model, eps=eps, version=version, seed=seed, device=images.device)
+        order = list(suite.attacks_to_run)
+        for attack in tqdm(order, desc="AutoAttack", disable=not progress):
+            kept = alive.nonzero()[:, 0]
+            if len(kept):
+                x, y = images[kept], labels[kept]
+                suite.attacks_to_run = [attack]
+                adv, _ = suite.run_standard_evaluation(x, y, batch_size=batch_size)
+                distance = (adv - x).abs().flatten(1).amax(1).max().item()
+                if distance > eps + 1e-5 or adv.min() < 0 or adv.max() > 1:
+                    raise RuntimeError(f"{attack} left the eps ball or [0, 1] ({distance:.4g})")
+                alive[kept] = _correct(model, adv, y)
+            robust[attack] = alive.clone()
+    return robust
+
+
+def _suite_summary(robust: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Accuracies of `autoattack_robust`'s result: clean, after each attack, and in the end."""
+    n = len(robust["clean"])
+    names = list(robust)
+    accuracy = int(robust[names[-1]].sum()) / n
+    return {
+        "n": n,
+        "attacks": names[1:],
+        "clean_accuracy": int(robust["clean"].sum()) / n,
+        "accuracy_after": {k: int(robust[k].sum()) / n for k in names[1:]},
+        # Images each attack fooled that every earlier one had not: Square (black-box) fooling
+        # images the white-box attacks could not is AutoAttack's sign of gradient masking.
+        "fooled_by": {
+            k: int(robust[prev].sum() - robust[k].sum())
+            for prev, k in zip(names, names[1:], strict=False)
+        },
+        "accuracy": accuracy,
+        "stderr": standard_error(accuracy, n),
+    }
+
+
+def autoattack_accuracy(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    eps: float = 0.3,
+    version: str = "standard",
+    seed: int = 0,
+    batch_size: int = 250,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """AutoAttack's robust accuracy: after each attack, the worst case per image over the suite.
+
+    Also the clean accuracy on the same images, n, the standard error and the seconds taken
+    (see `autoattack_robust` for the attacks and the arguments).
+    """
+    start = time.perf_counter()
+    robust = autoattack_robust(model, images, labels, eps, version, seed, batch_size, progress)
+    summary = _suite_summary(robust)
+    return summary | {
+        "eps": eps,
+        "version": version,
+        "seed": seed,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def worst_case(robust: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Accuracy under each attack and under the worst case per image over all of them.
+
+    `robust` maps attack names to per-image robust flags on the same images. Also counts the
+    images that one attack alone fooled (what the worst case owes to that attack), with n and
+    the standard error of the worst case.
+    """
+    if not robust:
+        raise ValueError("no attacks to combine")
+    names = list(robust)
+    flags = torch.stack([robust[k].bool().cpu() for k in names])
+    n = flags.shape[1]
+    worst = flags.all(0)
+    accuracy = int(worst.sum()) / n
+    others_missed = [
+        flags[[j for j in range(len(names)) if j != i]].all(0) for i in range(len(names))
+    ]
+    return {
+        "n": n,
+        "accuracy": accuracy,
+        "stderr": standard_error(accuracy, n),
+        "per_attack": {k: int(flags[i].sum()) / n for i, k in enumerate(names)},
+        "fooled_only_by": {
+            k: int((~flags[i] & others_missed[i]).sum()) for i, k in enumerate(names)
+        },
+    }
+
+
+def headline_robustness(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    eps: float,
+    surrogate: nn.Module | None = None,
+    pgd_runs: Sequence[tuple[int, int]] = ((40, 1),),
+    version: str = "standard",
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """A defended model's headline robust accuracy: the worst case per image over AutoAttack and PGD.
+
+    AutoAttack (`version`) and PGD-steps with restarts for each (steps, restarts) in `pgd_runs`
+    attack the same images; an image counts as robust only when no attack fooled it. Attacks
+    follow the gradients of `surrogate` (default: the model; a BPDA surrogate, whose forward
+    pass must be the model's) and are judged by `model`. Returns the worst case with n and its
+    standard error, each attack's accuracy, AutoAttack's summary, the images only one attack
+    fooled, the clean accuracy on the same images and the seconds per attack.
+    """
+    surrogate = model if surrogate is None else surrogate
+    if surrogate is not model and not torch.equal(
+        _correct(model, images, labels), _correct(surrogate, images, labels)
+    ):
+        raise ValueError("the surrogate's forward pass must classify the images like the model")
+    seconds = {}
+    start = time.perf_counter()
+    suite = autoattack_robust(surrogate, images, labels, eps, version, seed, progress=progress)
+    seconds["AutoAttack"] = time.perf_counter() - start
+    robust = {"AutoAttack": suite[list(suite)[-1]]}
+    for steps, restarts in pgd_runs:
+        name = f"PGD-{steps}" + (f" x {restarts} restarts" if restarts > 1 else "")
+        start = time.perf_counter()
+        robust[name] = robust_per_image(
+            model, images, labels, eps, "pgd", steps, restarts, surrogate=surrogate, seed=seed
+        )
+        seconds[name] = time.perf_counter() - start
+    return worst_case(robust) | {
+        "eps": eps,
+        "clean_accuracy": int(suite["clean"].sum()) / len(images),
+        "autoattack": _suite_summary(suite) | {"version": version, "seed": seed},
+        "seconds": seconds,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,5 +529,38 @@ def plot_image_rows(
             ax.set_title(titles[c], fontsize=7, color="red" if highlight[c] else "black")
         axes[r, 0].set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_headline(headline: dict[str, dict[str, Any]]) -> matplotlib.figure.Figure:
+    """Per defended model, accuracy (%) under each attack and the worst case per image over all.
+
+    AutoAttack's bars are cumulative (each attack runs on what the earlier ones left); error
+    bars are one standard error of the worst case, which is the headline.
+    """
+    fig = Figure(figsize=(7.5, 1.0 + 2.2 * len(headline)))
+    axes = fig.subplots(len(headline), 1, squeeze=False)[:, 0]
+    for ax, (name, h) in zip(axes, headline.items(), strict=True):
+        pgd_names = [k for k in h["per_attack"] if k != "AutoAttack"]
+        labels = ["clean"] + pgd_names
+        values = [h["clean_accuracy"]] + [h["per_attack"][k] for k in pgd_names]
+        steps = h["autoattack"]["accuracy_after"]
+        labels += [("AutoAttack: " if i == 0 else "+ ") + k.upper() for i, k in enumerate(steps)]
+        values += list(steps.values())
+        labels.append("worst case per image")
+        values.append(h["accuracy"])
+        colors = ["0.7"] + ["C0"] * len(pgd_names) + ["C1"] * len(steps) + ["C3"]
+        y = list(range(len(labels)))[::-1]
+        ax.barh(y, [100 * v for v in values], color=colors)
+        ax.errorbar(100 * h["accuracy"], y[-1], xerr=100 * h["stderr"], color="k", capsize=3)
+        for yi, v in zip(y, values, strict=True):
+            ax.text(100 * v + 0.3, yi, f"{100 * v:.1f}", va="center", fontsize=7)
+        ax.set_yticks(y, labels, fontsize=7.5)
+        low = 100 * min(values)
+        ax.set_xlim(max(0.0, low - 10), 101)
+        ax.set_title(f"{name}: eps {h['eps']:g}, {h['n']:,} test images", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1].set_xlabel("test accuracy under attack (%)")
     fig.tight_layout()
     return fig
