@@ -554,8 +554,9 @@ def plot_headline(headline: dict[str, dict[str, Any]]) -> matplotlib.figure.Figu
         y = list(range(len(labels)))[::-1]
         ax.barh(y, [100 * v for v in values], color=colors)
         ax.errorbar(100 * h["accuracy"], y[-1], xerr=100 * h["stderr"], color="k", capsize=3)
-        for yi, v in zip(y, values, strict=True):
-            ax.text(100 * v + 0.3, yi, f"{100 * v:.1f}", va="center", fontsize=7)
+        ends = [100 * v for v in values[:-1]] + [100 * (h["accuracy"] + h["stderr"])]
+        for yi, v, end in zip(y, values, ends, strict=True):
+            ax.text(end + 0.3, yi, f"{100 * v:.1f}", va="center", fontsize=7)
         ax.set_yticks(y, labels, fontsize=7.5)
         low = 100 * min(values)
         ax.set_xlim(max(0.0, low - 10), 101)
