@@ -145,6 +145,11 @@ REQUIRED_KEYS = [
     "adversarial.noise.transfer.changed_rate",
     "optional.class_model.agreement",
     "defenses",
+    "defenses.pgd_trained.headline.accuracy",
+    "defenses.pgd_trained.headline.stderr",
+    "defenses.pgd_trained.headline.n",
+    "defenses.pgd_trained.headline.autoattack.fooled_by",
+    "defenses.binarised.headline.accuracy",
 ]
 
 

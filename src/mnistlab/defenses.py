@@ -1,4 +1,4 @@
-"""Defences against adversarial examples (optional question 2), and how to measure them honestly.
+"""Defences against adversarial examples (optional question 2); `robustness` measures them.
 
 Two defences:
 - adversarial training (Madry et al. 2018, arXiv:1706.06083): minimise the loss on PGD
@@ -9,33 +9,25 @@ Two defences:
   masking, not robustness (Athalye et al. 2018, arXiv:1802.00420). It is therefore also attacked
   with BPDA: the same forward pass, with the rounding treated as the identity in the backward
   pass (straight-through), and only that number is reported as its robustness.
-
-Robust accuracy (`robust_accuracy`) counts an image as robust when the model classifies it
-correctly AND no iterate of the attack fooled it, on the [0, 1] pixel scale, in fp32.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import matplotlib.figure
 import torch
-from matplotlib.figure import Figure
 from torch import nn
-from tqdm.auto import tqdm
 
-from . import attacks
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import Split
-from .model import MnistCNN, frozen_eval
-from .pgd import fgsm, objective_and_gradient, pgd
-from .train import Perturb, TrainConfig, evaluate, steps_per_epoch, train
+from .model import MnistCNN
+from .pgd import pgd
+from .robustness import robust_accuracy
+from .train import Perturb, TrainConfig, steps_per_epoch, train
 
 # ---------------------------------------------------------------------------------------------
 # Input transformation: bit-depth reduction, with the true (zero) or a straight-through gradient
@@ -320,293 +312,3 @@ def load_or_train_adversarial(
     meta = adv_train_metadata(result) | {"init_fingerprint": wanted_init}
     save_checkpoint(path, result.model, **meta)
     return (*load_checkpoint(path, device), True)
-
-
-def input_gradient_norm(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor
-) -> torch.Tensor:
-    """L1 norm per image of the loss gradient w.r.t. the input: 0 means gradient attacks are blind."""
-    with frozen_eval(model):
-        _, _, grad = objective_and_gradient(model, images, labels, targeted=False)
-    return grad.flatten(1).abs().sum(1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-
-
-def standard_error(accuracy: float, n: int) -> float:
-    """Binomial standard error of an accuracy measured on n images."""
-    return math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / n) if n else float("nan")
-
-
-@torch.no_grad()
-def _correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    with frozen_eval(model):
-        return model(images).argmax(1) == labels
-
-
-def robust_accuracy(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    eps: float,
-    attack: str = "pgd",
-    steps: int = 40,
-    restarts: int = 1,
-    step_size: float | None = None,
-    surrogate: nn.Module | None = None,
-    batch_size: int = 250,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Accuracy of `model` under an untargeted L-infinity attack of radius `eps`.
-
-    `attack` is "fgsm" or "pgd" (random start, `steps`, `restarts`, Madry's step 2.5 eps / steps
-    unless `step_size` is given). The attack follows the gradients of `surrogate` (default: the
-    model itself; a BPDA surrogate for an input-transformation defence), and its images are
-    judged by `model`. An image counts as robust when it is classified correctly both clean and
-    after the attack. Returns accuracy, its standard error, n and the seconds taken.
-    """
-    if attack not in ("fgsm", "pgd"):
-        raise ValueError(f"attack must be 'fgsm' or 'pgd', got {attack!r}")
-    surrogate = model if surrogate is None else surrogate
-    start = time.perf_counter()
-    robust = 0
-    for i in range(0, len(images), batch_size):
-        x, y = images[i : i + batch_size], labels[i : i + batch_size]
-        correct = _correct(model, x, y)
-        if eps > 0 and correct.any():
-            x, y, kept = x[correct], y[correct], correct.nonzero()[:, 0]
-            if attack == "fgsm":
-                adv = fgsm(surrogate, x, y, eps)
-            else:
-                adv = pgd(surrogate, x, y, eps, steps, step_size, restarts=restarts, seed=seed + i)
-            correct[kept] = _correct(model, adv, y)
-        robust += int(correct.sum())
-    accuracy = robust / len(images)
-    return {
-        "accuracy": accuracy,
-        "stderr": standard_error(accuracy, len(images)),
-        "n": len(images),
-        "seconds": time.perf_counter() - start,
-    }
-
-
-def fixed_subset(n_total: int, n: int, seed: int) -> torch.Tensor:
-    """Sorted indices of a seeded random subset of n out of n_total (the whole set if n >= n_total)."""
-    if n >= n_total:
-        return torch.arange(n_total)
-    return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
-
-
-def evaluate_defense(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    eps_values: Sequence[float],
-    steps: int = 40,
-    surrogate: nn.Module | None = None,
-    with_fgsm: bool = True,
-    progress: bool = True,
-    desc: str = "",
-) -> dict[str, Any]:
-    """Clean accuracy, and accuracy under FGSM and PGD-`steps` (random start) at each eps.
-
-    Accuracies under attack are keyed by the eps as a string ("0.1", ...), with PGD's standard
-    errors; the attacks follow `surrogate`'s gradients when one is given (BPDA).
-    """
-    record: dict[str, Any] = {
-        "clean_accuracy_subset": evaluate(model, images, labels)["accuracy"],
-        "eval_images": len(images),
-        "pgd_steps": steps,
-        "fgsm_accuracy": {},
-        "pgd_accuracy": {},
-        "pgd_stderr": {},
-    }
-    start = time.perf_counter()
-    for eps in tqdm(eps_values, desc=desc or "eps", disable=not progress):
-        key = f"{eps:g}"
-        if with_fgsm:
-            fgsm_result = robust_accuracy(model, images, labels, eps, "fgsm", surrogate=surrogate)
-            record["fgsm_accuracy"][key] = fgsm_result["accuracy"]
-        result = robust_accuracy(model, images, labels, eps, "pgd", steps, surrogate=surrogate)
-        record["pgd_accuracy"][key] = result["accuracy"]
-        record["pgd_stderr"][key] = result["stderr"]
-    record["eval_seconds"] = time.perf_counter() - start
-    return record
-
-
-# ---------------------------------------------------------------------------------------------
-# Part 3's attacks against a model
-
-
-@dataclass
-class Part3Budget:
-    """The settings of Part 3's three attacks (notebook 03's defaults), the same for every model."""
-
-    noise_std: float = 0.1  # (a), (b): Gaussian start around grey level 128, [0, 1] scale
-    step_size: float = 0.02  # (a), (b): x + step_size * dC/dx
-    iterations: int = 200  # (a), (b)
-    beta: float = 100.0  # (b): weight of the MSE to the target image
-    noise_max_iterations: int = 1000  # (c): alpha = 1 / std(d) steps until softmax >= 0.99
-    seed: int = 0
-
-
-def part3_success(
-    model: nn.Module,
-    budget: Part3Budget,
-    target_images: torch.Tensor,
-    sources: torch.Tensor,
-    surrogate: nn.Module | None = None,
-) -> tuple[dict[str, float], dict[str, attacks.AttackResult]]:
-    """How many of the 10 targets (classes 0..9) Part 3's three attacks reach within `budget`.
-
-    (a) generate a digit from Gaussian noise; (b) from the same noise, the targeted attack that
-    also pulls the image towards `target_images` (row t: a digit other than t); (c) additive
-    noise on `sources` (row t: a correctly classified test image of another class). A target is
-    reached when it is the predicted class with softmax >= 0.99. The attacks follow the gradients
-    of `surrogate` (default the model; a BPDA surrogate for an input transformation) and the
-    images are judged by `model`. Also returns (b)'s mean MSE to its target images and (c)'s
-    median noise norms and steps, and the attacks' results (images, noise) by name.
-    """
-    surrogate = model if surrogate is None else surrogate
-    device = target_images.device
-    targets = torch.arange(attacks.NUM_CLASSES, device=device)
-    start = attacks.gaussian_start(len(targets), budget.noise_std, budget.seed, device=device)
-    made = {
-        "generate": attacks.generate_digit(
-            surrogate, start, targets, budget.step_size, budget.iterations
-        ),
-        "targeted": attacks.targeted_attack(
-            surrogate,
-            start,
-            targets,
-            target_images,
-            budget.beta,
-            budget.step_size,
-            budget.iterations,
-        ),
-        "noise": attacks.noise_attack(surrogate, sources, targets, budget.noise_max_iterations),
-    }
-    out: dict[str, float] = {}
-    with torch.no_grad(), frozen_eval(model):
-        for name, result in made.items():
-            probs = model(result.images).softmax(1)
-            confidence = probs.gather(1, targets[:, None])[:, 0]
-            reached = (probs.argmax(1) == targets) & (confidence >= attacks.CONFIDENT)
-            out[f"{name}_reached"] = int(reached.sum())
-    out["targeted_mse"] = (
-        attacks.mse_per_image(made["targeted"].images, target_images).mean().item()
-    )
-    norms = attacks.perturbation_norms(made["noise"].images - sources)
-    out["noise_linf_median"] = norms["linf"].median().item()
-    out["noise_l2_median"] = norms["l2"].median().item()
-    out["noise_steps_median"] = made["noise"].steps.float().median().item()
-    return out, made
-
-
-# ---------------------------------------------------------------------------------------------
-# Tables and figures
-
-
-PART3_KEYS = ("generate_reached", "targeted_reached", "noise_reached")
-
-
-def results_table(rows: dict[str, dict[str, Any]], eps_values: Sequence[float]) -> str:
-    """A Markdown table: per model, clean / FGSM / PGD-40 accuracy (%) and Part 3's counts."""
-    keys = [f"{e:g}" for e in eps_values]
-    head = ["model", "clean"] + [f"FGSM {k}" for k in keys] + [f"PGD {k}" for k in keys]
-    head += ["(a) reached", "(b) reached", "(c) reached"]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-
-    def pct(record: dict[str, Any], key: str, k: str, err: bool = False) -> str:
-        if k not in record.get(key, {}):
-            return "-"
-        text = f"{100 * record[key][k]:.1f}"
-        return text + f" ± {100 * record['pgd_stderr'][k]:.1f}" if err else text
-
-    for name, r in rows.items():
-        cells = [name, f"{100 * r['clean_accuracy']:.2f}"]
-        cells += [pct(r, "fgsm_accuracy", k) for k in keys]
-        cells += [pct(r, "pgd_accuracy", k, err=True) for k in keys]
-        p3 = r.get("part3", {})
-        cells += [f"{p3[a]}/10" if a in p3 else "-" for a in PART3_KEYS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot_accuracy_vs_eps(rows: dict[str, dict[str, Any]]) -> matplotlib.figure.Figure:
-    """Accuracy (%) against eps per model: PGD solid with standard errors, FGSM dashed.
-
-    Rows flagged `masked` (an attack blinded by the defence's zero gradient) are drawn grey and
-    dotted: they show gradient masking, not robustness.
-    """
-    fig = Figure(figsize=(7.5, 4.8))
-    ax = fig.subplots()
-    colors = iter(f"C{i}" for i in range(10))
-    for name, r in rows.items():
-        masked = r.get("masked", False)
-        color = "0.55" if masked else next(colors)
-        keys = sorted(r["pgd_accuracy"], key=float)
-        eps = [0.0] + [float(k) for k in keys]
-        clean = r.get("clean_accuracy_subset", r["clean_accuracy"])  # same images as the attacks
-        acc = [clean] + [r["pgd_accuracy"][k] for k in keys]
-        err = [0.0] + [r["pgd_stderr"][k] for k in keys]
-        ax.errorbar(
-            eps,
-            [100 * a for a in acc],
-            yerr=[100 * e for e in err],
-            color=color,
-            capsize=3,
-            marker="o",
-            ls=":" if masked else "-",
-            label=name if masked else f"{name}: {r.get('pgd_label', 'PGD')}",
-        )
-        if r.get("fgsm_accuracy"):
-            fk = sorted(r["fgsm_accuracy"], key=float)
-            fgsm_acc = [clean] + [r["fgsm_accuracy"][k] for k in fk]
-            ax.plot(
-                [0.0] + [float(k) for k in fk],
-                [100 * a for a in fgsm_acc],
-                color=color,
-                ls="--",
-                marker="x",
-                alpha=0.8,
-                label=f"{name}: FGSM",
-            )
-    ax.set_xlabel("L-infinity radius eps (pixels in [0, 1])")
-    ax.set_ylabel("test accuracy under attack (%)")
-    ax.set_ylim(-2, 102)
-    ax.set_xticks([0.0, 0.1, 0.2, 0.3])
-    ax.set_title("Accuracy under untargeted attacks (error bars: one standard error)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    return fig
-
-
-def plot_image_rows(
-    rows: dict[str, tuple[torch.Tensor, list[str], list[bool]]], title: str
-) -> matplotlib.figure.Figure:
-    """A grid of images: one row per entry (label: (images, titles, highlight)), grey 0 to 1.
-
-    Titles flagged in `highlight` are drawn red (e.g. a wrong prediction).
-    """
-    n_rows = len(rows)
-    n_cols = max(len(images) for images, _, _ in rows.values())
-    fig = Figure(figsize=(1.25 * n_cols + 1.6, 1.45 * n_rows + 0.5))
-    axes = fig.subplots(n_rows, n_cols, squeeze=False)
-    for r, (label, (images, titles, highlight)) in enumerate(rows.items()):
-        for c in range(n_cols):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c >= len(images):
-                ax.axis("off")
-                continue
-            ax.imshow(images[c, 0].detach().cpu(), cmap="gray", vmin=0.0, vmax=1.0)
-            ax.set_title(titles[c], fontsize=7, color="red" if highlight[c] else "black")
-        axes[r, 0].set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
