@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import attacks
 from .model import frozen_eval
-from .pgd import _check, fgsm, objective_and_gradient, pgd
+from .pgd import check_batch, fgsm, objective_and_gradient, pgd
 from .train import evaluate
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def _autoattack_class() -> type:
 
 
 def _check_suite_inputs(images: torch.Tensor, labels: torch.Tensor, eps: float) -> None:
-    _check(images, labels, eps)
+    check_batch(images, labels, eps)
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     if len(images) == 0:

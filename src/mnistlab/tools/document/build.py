@@ -77,6 +77,7 @@ FIGURES: dict[str, list[str]] = {
     ],
     "O2": [
         "defense_accuracy_vs_eps",
+        "defense_headline_autoattack",
         "defense_adversarial_examples",
         "defense_part3_generated",
     ],

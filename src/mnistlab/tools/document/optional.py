@@ -196,6 +196,7 @@ def section_o2(m: dict[str, Any]) -> Section:
             f"of {targets} classes on the PGD-trained model (figure), so robustness near the "
             "data says nothing about confident answers far from it. Other ways, not measured "
             "here: detecting inputs far from the data, ensembles, certified defences.",
+            headline_paragraph(trained, binar),
         ],
         Table(
             (
@@ -208,4 +209,42 @@ def section_o2(m: dict[str, Any]) -> Section:
             rows,
             "l" + "r" * (len(eps) + 2),
         ),
+    )
+
+
+def headline_paragraph(trained: dict[str, Any], binar: dict[str, Any]) -> str:
+    """The defended models' headline: the worst case per image over AutoAttack and PGD."""
+    h_pgd, h_bin = need(trained, "headline"), need(binar, "headline")
+
+    def masking(h: dict[str, Any], name: str) -> str:
+        square = need(h, "autoattack", "fooled_by").get("square", 0)
+        more = need(h, "masking_check", "pgd_more_steps_restarts_drop")
+        beyond = need(h, "masking_check", "pgd_accuracy_beyond")
+        far = max(beyond, key=float)
+        return (
+            f"{name}: Square fooled {square} image{'s' if square != 1 else ''} the white-box "
+            f"attacks had not, more PGD steps and restarts took {fixed(100 * more)} more "
+            f"points, and PGD at ε = {far} leaves {pct(beyond[far], 1)}"
+        )
+
+    subset = (
+        ""
+        if h_pgd["n"] == h_bin["n"] == 10_000
+        else (
+            " These are seeded subsets of the test set, what AutoAttack fits in a CPU run; the "
+            "full 10,000-image evaluation is still to be run on a GPU."
+        )
+    )
+    return (
+        "**The headline, as the field measures robustness:** the worst case per image over "
+        "AutoAttack (Croce and Hein 2020, standard: APGD-CE, APGD-T, FAB-T and the black-box "
+        f"Square) and PGD-40, at ε = {need(h_pgd, 'eps'):g}. The PGD-trained model keeps "
+        f"**{pct(need(h_pgd, 'accuracy'), 1)} ± {pct(need(h_pgd, 'stderr'), 1)}** of "
+        f"{count(need(h_pgd, 'n'))} test images ({pct(need(h_pgd, 'clean_accuracy'), 1)} clean "
+        f"on the same images; PGD-40 alone {pct(need(h_pgd, 'per_attack', 'PGD-40'), 1)}); "
+        f"the binarised model, attacked through BPDA, "
+        f"**{pct(need(h_bin, 'accuracy'), 1)} ± {pct(need(h_bin, 'stderr'), 1)}** of "
+        f"{count(need(h_bin, 'n'))} (PGD-40 alone {pct(need(h_bin, 'per_attack', 'PGD-40'), 1)}"
+        "); ± is one standard error. Checks for gradient masking: "
+        f"{masking(h_pgd, 'PGD-trained')}; {masking(h_bin, 'binarised')}.{subset}"
     )
