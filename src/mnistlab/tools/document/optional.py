@@ -169,7 +169,7 @@ def section_o2(m: dict[str, Any]) -> Section:
         [
             "Two defences, built and attacked by attacks that know them: **adversarial training** "
             "(Madry et al. 2018: fine-tune the network on PGD adversarial examples of its current "
-            f"weights; here {need(trained, 'config', 'epochs')} epochs of "
+            f"weights; here {need(trained, 'config', 'train', 'epochs')} epochs of "
             f"{need(trained, 'config', 'steps')}-step PGD at ε = "
             f"{need(trained, 'config', 'eps'):g}, from the Part 1 model) and an **input "
             "transformation** (binarise every pixel at 0.5 before the network). Untargeted L∞ attacks of radius ε on the [0, 1] scale, PGD with "
@@ -215,6 +215,7 @@ def section_o2(m: dict[str, Any]) -> Section:
 def headline_paragraph(trained: dict[str, Any], binar: dict[str, Any]) -> str:
     """The defended models' headline: the worst case per image over AutoAttack and PGD."""
     h_pgd, h_bin = need(trained, "headline"), need(binar, "headline")
+    pgd = next(name for name in need(h_pgd, "per_attack") if name != "AutoAttack")  # PGD-40
 
     def masking(h: dict[str, Any], name: str) -> str:
         square = need(h, "autoattack", "fooled_by").get("square", 0)
@@ -223,7 +224,7 @@ def headline_paragraph(trained: dict[str, Any], binar: dict[str, Any]) -> str:
         far = max(beyond, key=float)
         return (
             f"{name}: Square fooled {square} image{'s' if square != 1 else ''} the white-box "
-            f"attacks had not, more PGD steps and restarts took {fixed(100 * more)} more "
+            f"attacks had not, more PGD steps and restarts took {fixed(100 * more, 1)} more "
             f"points, and PGD at ε = {far} leaves {pct(beyond[far], 1)}"
         )
 
@@ -238,13 +239,13 @@ def headline_paragraph(trained: dict[str, Any], binar: dict[str, Any]) -> str:
     return (
         "**The headline, as the field measures robustness:** the worst case per image over "
         "AutoAttack (Croce and Hein 2020, standard: APGD-CE, APGD-T, FAB-T and the black-box "
-        f"Square) and PGD-40, at ε = {need(h_pgd, 'eps'):g}. The PGD-trained model keeps "
+        f"Square) and {pgd}, at ε = {need(h_pgd, 'eps'):g}. The PGD-trained model keeps "
         f"**{pct(need(h_pgd, 'accuracy'), 1)} ± {pct(need(h_pgd, 'stderr'), 1)}** of "
         f"{count(need(h_pgd, 'n'))} test images ({pct(need(h_pgd, 'clean_accuracy'), 1)} clean "
-        f"on the same images; PGD-40 alone {pct(need(h_pgd, 'per_attack', 'PGD-40'), 1)}); "
+        f"on the same images; {pgd} alone {pct(need(h_pgd, 'per_attack', pgd), 1)}); "
         f"the binarised model, attacked through BPDA, "
         f"**{pct(need(h_bin, 'accuracy'), 1)} ± {pct(need(h_bin, 'stderr'), 1)}** of "
-        f"{count(need(h_bin, 'n'))} (PGD-40 alone {pct(need(h_bin, 'per_attack', 'PGD-40'), 1)}"
+        f"{count(need(h_bin, 'n'))} ({pgd} alone {pct(need(h_bin, 'per_attack', pgd), 1)}"
         "); ± is one standard error. Checks for gradient masking: "
         f"{masking(h_pgd, 'PGD-trained')}; {masking(h_bin, 'binarised')}.{subset}"
     )
