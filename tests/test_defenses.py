@@ -174,3 +174,17 @@ def test_adversarial_training_makes_the_model_more_robust(mnist):
     before = robust_accuracy(base.model, x, y, 0.2, steps=10)["accuracy"]
     after = robust_accuracy(robust, x, y, 0.2, steps=10)["accuracy"]
     assert after > before + 0.25
+
+
+def test_adversarial_training_refuses_a_ramp_that_never_reaches_full_eps(mnist):
+    split = validation_split(mnist, 100, 0)
+    config = AdvTrainConfig(
+        eps=0.3,
+        steps=1,
+        val_images=10,
+        val_steps=1,
+        eps_ramp_epochs=2.0,  # longer than the run: no check ever sees the full eps
+        train=adversarial_recipe(epochs=1, limit_train_batches=2, batch_size=16),
+    )
+    with pytest.raises(ValueError, match="never reached its full size"):
+        adversarial_train(config, split, MnistCNN(), progress=False)

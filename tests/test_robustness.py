@@ -233,3 +233,16 @@ def test_autoattack_without_its_package_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "pyautoattack", None)  # import fails as if not installed
     with pytest.raises(ModuleNotFoundError, match=r"mnistlab\[robust\]"):
         autoattack_robust(linear_model(), grey_images(2), torch.arange(2))
+
+
+def test_autoattack_counts_what_the_judge_says_not_the_attacked_network():
+    # The attacks follow `model`'s gradients, but every verdict is the judge's: a judge that
+    # always answers 3 keeps every image labelled 3, whatever the attacked network reads.
+    judge = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    with torch.no_grad():
+        judge[1].weight.zero_()
+        judge[1].bias.zero_()
+        judge[1].bias[3] = 100.0
+    x, y = grey_images(8), torch.full((8,), 3)
+    robust = autoattack_robust(linear_model(seed=1), x, y, 0.3, seed=0, judge=judge)
+    assert all(v.all() for v in robust.values())

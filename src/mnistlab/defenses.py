@@ -137,7 +137,9 @@ class AdvTrainResult:
     model: MnistCNN
     config: AdvTrainConfig
     history: list[dict[str, float]] = field(default_factory=list)
-    best_epoch: int = 0
+    best_epoch: float = (
+        0  # the epoch (a fraction with several checks per epoch) of the kept weights
+    )
     train_seconds: float = 0.0  # the training loop alone, validation checks excluded
     validation_seconds: float = 0.0
     initialised_from: str = "scratch"
@@ -210,7 +212,7 @@ def adversarial_train(
     `steps` signed steps, fp32, eval mode, gradients w.r.t. the input only) made against the
     current weights; the weight update runs on the speed path of config.train. At each
     validation check (the end of each epoch) the model is attacked by PGD-`val_steps` on
-    `val_images` validation images at `val_eps` (default: eps), and the epoch with the best
+    `val_images` validation images at `val_eps` (None: the training eps), and the epoch with the best
     robust validation accuracy (once the training eps is at full size) is kept.
     """
     device = torch.device(device)
@@ -232,6 +234,13 @@ def adversarial_train(
 
     perturb = pgd_perturb(config, ramp_steps)
     result = train(config.train, split, device, progress, init, perturb, validate)
+    if result.best_step == 0:  # every check scored -inf: the weights returned were never kept
+        raise ValueError(
+            f"the training eps never reached its full size ({config.eps}) at a validation check: "
+            f"eps_ramp_epochs ({config.eps_ramp_epochs}) must end before the last check "
+            f"(epochs: {config.train.epochs})"
+        )
+    best = next(h for h in result.history if h["step"] == result.best_step)
     history = [
         {
             "epoch": int(h["epoch"]) if float(h["epoch"]).is_integer() else h["epoch"],
@@ -248,7 +257,7 @@ def adversarial_train(
         result.model,
         config,
         history,
-        best_epoch=result.best_step // steps,
+        best_epoch=int(best["epoch"]) if float(best["epoch"]).is_integer() else best["epoch"],
         train_seconds=sum(result.seconds_per_epoch) - result.eval_seconds,
         validation_seconds=result.eval_seconds,
         initialised_from="scratch" if init is None else "init",

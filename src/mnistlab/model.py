@@ -27,7 +27,8 @@ class MnistCNN(nn.Module):
     ReLU as in Ioffe & Szegedy (2015), so each ReLU sees standardised pre-activations. The affine
     layers keep their biases, so the BN network is exactly the plain one plus the BN layers.
     Softmax is not part of the model: the loss takes logits, probabilities come from `softmax`.
-    Training may compute the same function faster (speed.py); everything else calls forward().
+    Training and `train.evaluate` may compute the same function faster (speed.py: pools before
+    ReLUs, BN folded into the convolutions; equal up to float rounding); the rest calls forward().
     """
 
     def __init__(self, variant: str = "plain") -> None:

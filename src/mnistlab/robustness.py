@@ -197,6 +197,7 @@ def autoattack_robust(
     seed: int = 0,
     batch_size: int = 250,
     progress: bool = False,
+    judge: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per image, robust or not after each attack of AutoAttack (Croce and Hein 2020, L-infinity).
 
@@ -204,8 +205,8 @@ def autoattack_robust(
     each on the images no earlier one fooled: "standard" is APGD-CE, APGD-T (9 target classes),
     FAB-T (9 targets) and the black-box Square attack (5,000 queries). It is run here one
     attack per call, which is what its `run_standard_evaluation` does inside, so that the
-    images left after every attack are kept. Each adversarial image is judged again by `model`
-    and checked to lie in the eps ball and in [0, 1]. Images in [0, 1], shape (N, C, H, W);
+    images left after every attack are kept. Each adversarial image is judged again by `judge`
+    (default: `model`, the network attacked) and checked to lie in the eps ball and in [0, 1]. Images in [0, 1], shape (N, C, H, W);
     `model` returns logits. For an input-transformation defence pass its BPDA surrogate: the
     defence's exact forward pass, with the straight-through gradient.
 
@@ -217,8 +218,10 @@ def autoattack_robust(
         raise ValueError(f"version must be one of {AUTOATTACK_VERSIONS}, got {version!r}")
     _check_suite_inputs(images, labels, eps)
     auto_attack = _autoattack_class()
-    devices = [images.device] if images.device.type == "cuda" else []
-    robust = {"clean": _correct(model, images, labels)}
+    judge = model if judge is None else judge
+    # The package seeds every CUDA device's generator too, whatever device the images are on.
+    devices = list(range(torch.cuda.device_count()))
+    robust = {"clean": _correct(judge, images, labels)}
     alive = robust["clean"].clone()
     with frozen_eval(model), torch.random.fork_rng(devices=devices):
         suite = auto_attack(model, eps=eps, version=version, seed=seed, device=images.device)
@@ -232,7 +235,7 @@ def autoattack_robust(
                 distance = (adv - x).abs().flatten(1).amax(1).max().item()
                 if distance > eps + 1e-5 or adv.min() < 0 or adv.max() > 1:
                     raise RuntimeError(f"{attack} left the eps ball or [0, 1] ({distance:.4g})")
-                alive[kept] = _correct(model, adv, y)
+                alive[kept] = _correct(judge, adv, y)
             robust[attack] = alive.clone()
     return robust
 
@@ -339,7 +342,9 @@ def headline_robustness(
         raise ValueError("the surrogate's forward pass must classify the images like the model")
     seconds = {}
     start = time.perf_counter()
-    suite = autoattack_robust(surrogate, images, labels, eps, version, seed, progress=progress)
+    suite = autoattack_robust(
+        surrogate, images, labels, eps, version, seed, progress=progress, judge=model
+    )
     seconds["AutoAttack"] = time.perf_counter() - start
     robust = {"AutoAttack": suite[list(suite)[-1]]}
     for steps, restarts in pgd_runs:

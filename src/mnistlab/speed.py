@@ -11,9 +11,10 @@ one knob, `TrainConfig.speed`, a path name:
   (`conv_bn_batch_stats`), which skips BN's passes over the biggest feature maps;
 - "+graphs" (fp32 on a GPU): forward and backward of a full batch replayed as CUDA graphs, one
   launch each, for a net this small is bound by kernel launches;
-- "auto": the fastest of these on the machine at hand, measured by a few timed steps of each
-  candidate at the start of a run and cached per machine (`resolve`). Which path wins depends
-  on the machine: report/bench*.json holds the measurements that showed it.
+- "auto": on a CPU, the fastest of these on the machine at hand, measured by a few timed steps
+  of each candidate at the start of a run and cached per machine (`resolve`); on a GPU, fp32
+  with CUDA graphs. Which path wins depends on the machine: report/bench*.json holds the
+  measurements that showed it.
 """
 
 from __future__ import annotations
@@ -317,8 +318,9 @@ def cpu_supports_bf16() -> bool:
 
 
 def default_path(device: torch.device, variant: str) -> str:
-    """The path "auto" takes without a calibration (quick runs, tests): fp32 pool-first, with
-    the bn1 fold on a CPU (where BN's passes are memory-bound) and CUDA graphs on a GPU."""
+    """The path "auto" takes on a GPU, and in quick runs and tests without a cached calibration:
+    fp32 pool-first, with the bn1 fold on a CPU (where BN's passes are memory-bound) and CUDA
+    graphs on a GPU."""
     if device.type == "cuda":
         return "fp32+graphs"
     return "fp32+fold" if variant == "bn" else "fp32"
@@ -495,8 +497,8 @@ def resolve(
             return parse_path(cached, device).name
         except ValueError:
             pass  # written by another version: calibrate again
-    # A GPU takes the default, the path measured fastest on one (report/bench_cuda.json): the
-    # calibration, which captures CUDA graphs for each candidate, has only run on CPUs so far.
+    # A GPU takes the default, measured fastest on one (report/bench_cuda.json), because timing
+    # the candidates there would capture CUDA graphs for each, a path no GPU run has tested.
     if not calibrate_now or device.type != "cpu":
         return default_path(device, model.variant)
     paths = candidates(device, model.variant)

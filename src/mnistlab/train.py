@@ -55,8 +55,9 @@ class TrainConfig:
     seed: int = 0
     evals_per_epoch: int = 4
     eval_batch_size: int = 256  # on a CPU, where batches that stay in cache are fastest
-    # How a step computes model(x) (speed.py): "auto" (the fastest path on this machine,
-    # measured once and cached), "off" (plain model(x) in fp32), or a path: "fp32+fold", "bf16"...
+    # How a step computes model(x) (speed.py): "auto" (the fastest path on this CPU, measured
+    # once and cached; fp32 with CUDA graphs on a GPU), "off" (plain model(x) in fp32), or a
+    # path: "fp32+fold", "bf16"...
     speed: str = "auto"
     limit_train_batches: int = 0  # > 0: stop each epoch after this many batches (quick runs)
 
@@ -293,6 +294,8 @@ def train(
             run_wrong += (logits.argmax(1) != y).sum()
             run_seen += len(y)
             if i + 1 in record_at:
+                if device.type == "cuda":  # the steps still queued count as training time
+                    torch.cuda.synchronize(device)
                 eval_start = time.perf_counter()
                 val = evaluate(averaged, val_x, val_y, eval_batch)
                 score, extra = (
