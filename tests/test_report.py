@@ -164,3 +164,22 @@ def test_the_device_is_named_one_way_in_what_the_tools_record():
     assert device_name("cpu") == (
         f"CPU ({cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     )
+
+
+def test_a_defended_models_summary_row_is_its_worst_case_not_pgd_40():
+    from mnistlab.tools.report import results_table
+
+    headline = {"eps": 0.3, "clean_accuracy": 0.987, "accuracy": 0.88, "stderr": 0.0098, "n": 1100}
+    defenses = {
+        "plain": {"clean_accuracy": 0.995, "pgd_accuracy": {"0.3": 0.0}},
+        "pgd_trained": {
+            "clean_accuracy": 0.989,
+            "pgd_accuracy": {"0.3": 0.926},
+            "headline": headline,
+        },
+    }
+    table = results_table({"defenses": defenses})
+    (row,) = [line for line in table.splitlines() if "pgd_trained" in line]
+    assert "worst case per image over AutoAttack and PGD-40" in row
+    assert "88.00% ± 1.0 points (1,100 test images)" in row and "92.60" not in row
+    assert "No defence (Part 1 model): clean / PGD-40 eps=0.3 | 99.50% / 0.00%" in table

@@ -134,12 +134,23 @@ def results_table(m: dict[str, Any]) -> str:
             )
         )
     for name, rec in d.items() if isinstance(d, dict) else []:
-        if isinstance(rec, dict) and "pgd_accuracy" in rec:
+        if not isinstance(rec, dict) or "pgd_accuracy" not in rec:
+            continue
+        label = "No defence (Part 1 model)" if name == "plain" else f"Defence '{name}'"
+        bpda = " (BPDA attack)" if name.startswith("binar") else ""
+        if h := rec.get("headline"):  # a defended model's headline is its worst case
             rows.append(
                 (
-                    ("No defence (Part 1 model)" if name == "plain" else f"Defence '{name}'")
-                    + ": clean / PGD-40 eps=0.3"
-                    + (" (BPDA attack)" if name.startswith("binar") else ""),
+                    f"{label}: clean / worst case per image over AutoAttack and PGD-40, "
+                    f"eps={h['eps']:g}{bpda}",
+                    f"{pct(h['clean_accuracy'])} / {pct(h['accuracy'])} ± "
+                    f"{100 * h['stderr']:.1f} points ({h['n']:,} test images)",
+                )
+            )
+        else:
+            rows.append(
+                (
+                    f"{label}: clean / PGD-40 eps=0.3{bpda}",
                     f"{pct(rec.get('clean_accuracy'))} / {pct(rec['pgd_accuracy'].get('0.3'))}",
                 )
             )
