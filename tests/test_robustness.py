@@ -246,3 +246,10 @@ def test_autoattack_counts_what_the_judge_says_not_the_attacked_network():
     x, y = grey_images(8), torch.full((8,), 3)
     robust = autoattack_robust(linear_model(seed=1), x, y, 0.3, seed=0, judge=judge)
     assert all(v.all() for v in robust.values())
+
+
+def test_robust_accuracy_of_no_images_is_an_error_not_a_division_by_zero():
+    with pytest.raises(ValueError, match="no images"):
+        robust_accuracy(
+            linear_model(), torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.long), 0.1
+        )

@@ -10,7 +10,8 @@ Conventions shared by every attack here:
   step;
 - one batch holds all targets (one row per target class), so a single forward/backward pass
   advances all 10 attacks at once;
-- plain gradient ascent, x = x + step * dC/dx, no optimiser: the recorded cost must increase;
+- plain gradient ascent, x = x + step * dC/dx, no optimiser; the cost is recorded at every
+  iterate, so that its rise can be checked (a fixed step and the clamping do not promise it);
 - the model is evaluated in fp32 (autocast off) and in eval mode with its parameters frozen, and
   everything is restored afterwards (`frozen_eval`); gradients are taken only w.r.t. the image or
   the noise (`torch.autograd.grad`), so no parameter ever receives a gradient;
@@ -42,7 +43,9 @@ class AttackResult:
 
     images: torch.Tensor  # (N, 1, 28, 28) final inputs to the network, in [0, 1]
     targets: torch.Tensor  # (N,) target class of each row
-    costs: torch.Tensor  # (iterations + 1, N) cost C at every iterate, the start included
+    # (T + 1, N) cost C at every iterate, the start included; T <= iterations, fewer when every
+    # row stopped early; a stopped row keeps its last iterate, so its cost stays flat
+    costs: torch.Tensor
     probabilities: torch.Tensor  # (N, 10) softmax of the final logits
     steps: torch.Tensor  # (N,) gradient steps taken by each row before it stopped
     noise: torch.Tensor | None = None  # (N, 1, 28, 28) additive noise (attack (c) only)

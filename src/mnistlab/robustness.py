@@ -93,6 +93,8 @@ def robust_accuracy(
     judged by `model`. An image counts as robust when it is classified correctly both clean and
     after the attack. Returns accuracy, its standard error, n and the seconds taken.
     """
+    if len(images) == 0:
+        raise ValueError("no images to attack")
     start = time.perf_counter()
     robust = robust_per_image(
         model, images, labels, eps, attack, steps, restarts, step_size, surrogate, batch_size, seed
