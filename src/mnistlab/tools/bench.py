@@ -208,9 +208,10 @@ def epoch_timing(data: MNIST, device: torch.device) -> dict[str, Any]:
     The BN variant also runs with the other setting of the bn1 fold (off on a CPU, on on a GPU),
     to show what the default saves.
 
-    The default trains in fp32; the runs repeated under autocast (bf16 on a CPU with native
-    bf16, AMP on a GPU; same seed) are the check that reduced precision leaves test accuracy
-    unchanged within seed noise, and show its speed.
+    Every run names its speed path: "plain" and "bn" take the default fp32 path
+    (speed.default_path), whatever "auto" chose on this machine; the runs repeated under bf16
+    autocast (same seed) are the check that reduced precision leaves test accuracy unchanged
+    within seed noise, and show its speed.
     """
     split = validation_split(data, VAL_SIZE, SPLIT_SEED)
     test_x, test_y = data.test_images.to(device), data.test_labels.to(device)
@@ -219,8 +220,8 @@ def epoch_timing(data: MNIST, device: torch.device) -> dict[str, Any]:
     folded = "+fold" in bn_default
     other = bn_default.replace("+fold", "") if folded else bn_default.replace("fp32", "fp32+fold")
     runs = {
-        "plain": TrainConfig(),
-        "bn": TrainConfig(variant="bn"),
+        "plain": TrainConfig(speed=default_path(device, "plain")),
+        "bn": TrainConfig(variant="bn", speed=bn_default),
         f"bn_fold_{'off' if folded else 'on'}": TrainConfig(variant="bn", speed=other),
     }
     if device.type == "cuda":  # what AMP and eager launches would give
@@ -234,6 +235,7 @@ def epoch_timing(data: MNIST, device: torch.device) -> dict[str, Any]:
     for name, config in runs.items():
         result = train(config, split, device, progress=False)
         out[name] = {
+            "speed": result.speed,
             "seconds_per_epoch": result.seconds_per_epoch,
             "median_seconds_per_epoch": statistics.median(result.seconds_per_epoch),
             "best_val_accuracy": result.best_val_accuracy,

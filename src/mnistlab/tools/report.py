@@ -242,7 +242,11 @@ def epoch_lines(epochs: dict[str, Any]) -> list[str]:
     }
     n = len(next(iter(epochs.values()))["seconds_per_epoch"])
     rows = [
-        (names.get(k, k), f"{e['median_seconds_per_epoch']:.2f}", pct(e["test_accuracy"]))
+        (
+            names.get(k, k) + (f" (`{e['speed']}`)" if "speed" in e else ""),
+            f"{e['median_seconds_per_epoch']:.2f}",
+            pct(e["test_accuracy"]),
+        )
         for k, e in epochs.items()
     ]
     header = [f"default run ({n} epochs)", "median s/epoch", "test accuracy"]
