@@ -387,10 +387,10 @@ def calibrate(
             run(2)  # warm-up: first calls pick kernels and allocate
         for _ in range(rounds):
             for name, run in runners.items():
-                _sync(device)
+                sync(device)
                 start = timer()
                 run(steps)
-                _sync(device)
+                sync(device)
                 times[name].append((timer() - start) / steps)
     return {name: min(t) for name, t in times.items()}
 
@@ -415,7 +415,8 @@ def _step_runner(
     return run
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall time measures it (a no-op on a CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

@@ -294,8 +294,7 @@ def train(
             run_wrong += (logits.argmax(1) != y).sum()
             run_seen += len(y)
             if i + 1 in record_at:
-                if device.type == "cuda":  # the steps still queued count as training time
-                    torch.cuda.synchronize(device)
+                speed.sync(device)  # the steps still queued on a GPU count as training time
                 eval_start = time.perf_counter()
                 val = evaluate(averaged, val_x, val_y, eval_batch)
                 score, extra = (

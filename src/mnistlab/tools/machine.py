@@ -6,15 +6,9 @@ import time
 
 import torch
 
-from ..speed import cpu_name, device_name
+from ..speed import cpu_name, device_name, sync
 
 __all__ = ["cpu_name", "device_name", "fp32_gemm_gflops", "sync"]
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work so that wall time measures it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def fp32_gemm_gflops(device: torch.device, size: int = 2048, repeats: int = 8) -> float:
